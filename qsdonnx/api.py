@@ -1,0 +1,124 @@
+"""The Python API: ``optimize``, ``inspect`` and ``validate``; the CLI calls exactly these."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import onnx
+
+from .config import OptimizeConfig
+from .errors import ConfigError, ValidationFailed
+from .passes.base import Context, WeightRecord
+from .passes.canonicalize import FindWeightsPass
+from .passes.factorize import FactorizeWeightsPass, PlanPass
+from .passes.load import LiftConstantsPass, LoadPass, load_model
+from .passes.lower_qdq import LowerQdqPass, required_opset
+from .passes.save import PrepareOpsetPass, check_output_path, save_model
+from .passes.validate import ValidatePass, compare_models, generated_inputs, load_feeds
+from .report import Report
+
+log = logging.getLogger("qsdonnx")
+ModelLike = Union[str, Path, onnx.ModelProto]
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    report: Report
+    output: Optional[Path]
+    passed: bool  # False only when --max-rel-error was missed and the output kept anyway
+
+
+def _context(model: ModelLike, cfg: OptimizeConfig) -> Context:
+    if isinstance(model, onnx.ModelProto):
+        proto, external, path = copy.deepcopy(model), set(), None
+    else:
+        path = Path(model)
+        proto, external = load_model(path)
+    ctx = Context(config=cfg, model=proto, input_path=path, base_dir=path.parent if path else None)
+    ctx.external = external
+    ctx.original = copy.deepcopy(proto)
+    return ctx
+
+
+def _lowering(cfg: OptimizeConfig):
+    if cfg.format == "qdq":
+        return LowerQdqPass()
+    if cfg.format == "nbits":
+        from .passes.lower_nbits import LowerNbitsPass
+        return LowerNbitsPass()
+    from .passes.lower_fused import LowerFusedPass
+    return LowerFusedPass()
+
+
+def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
+             config: Optional[OptimizeConfig] = None, **options) -> OptimizeResult:
+    """Compresses every eligible weight of ``model`` and (when ``output`` is given) writes the result.
+
+    ``options`` are fields of :class:`OptimizeConfig` (e.g. ``method="rtn", bits=4``) and override
+    ``config``.  Raises a :class:`~qsdonnx.errors.QsdError` subclass on bad input; raises
+    :class:`ValidationFailed` (nothing written) when ``max_rel_error`` is missed, unless
+    ``keep_on_fail`` is set, in which case the model is written and ``passed`` is False.
+    """
+    try:
+        cfg = (config or OptimizeConfig()).replace(**options) if options else (config or OptimizeConfig())
+    except TypeError as exc:
+        raise ConfigError(f"unknown option: {exc}") from None
+    in_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    if output is not None:
+        check_output_path(Path(output), in_path)
+    ctx = _context(model, cfg)
+    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass()):
+        p(ctx)
+    if cfg.calib is not None or cfg.method in ("gptq", "caldera", "qsd", "auto"):
+        from .passes.calibrate import CalibratePass
+        CalibratePass()(ctx)
+    for p in (PlanPass(), FactorizeWeightsPass()):
+        p(ctx)
+    PrepareOpsetPass(required_opset(ctx))(ctx)
+    _lowering(cfg)(ctx)
+    if cfg.validate:
+        ValidatePass()(ctx)
+    passed = True
+    if cfg.max_rel_error is not None and ctx.validation:
+        reached = ctx.validation["max_rel_l2"]
+        if reached > cfg.max_rel_error:
+            passed = False
+            msg = (f"relative output error {reached:.3e} exceeds --max-rel-error {cfg.max_rel_error:g}")
+            if not cfg.keep_on_fail:
+                raise ValidationFailed(msg + "; nothing written (use --keep-on-fail to keep the model)")
+            log.warning(msg)
+    size = None
+    if output is not None:
+        import time
+        t = time.perf_counter()
+        size = save_model(ctx.model, Path(output))
+        ctx.timings["save"] = time.perf_counter() - t
+    report = Report.from_context(ctx, size)
+    if cfg.report is not None:
+        report.write_json(cfg.report)
+    return OptimizeResult(model=ctx.model, report=report, output=Path(output) if output else None, passed=passed)
+
+
+def inspect(model: ModelLike, config: Optional[OptimizeConfig] = None) -> list[WeightRecord]:
+    """Every candidate weight: op, shape, size, where it lives, and what would be skipped and why."""
+    ctx = _context(model, config or OptimizeConfig(validate=False))
+    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass()):
+        p(ctx)
+    return ctx.records
+
+
+def validate(original: ModelLike, compressed: ModelLike, inputs: Optional[Union[str, Path]] = None,
+             input_shapes: Optional[dict] = None, num_inputs: int = 4, seed: int = 0,
+             accuracy_level: int = 0) -> dict:
+    """Runs both models in ONNX Runtime on the same inputs and returns per-output metrics."""
+    orig_proto = original if isinstance(original, onnx.ModelProto) else load_model(Path(original))[0]
+    if not isinstance(compressed, onnx.ModelProto):
+        load_model(Path(compressed))
+    feeds = (load_feeds(Path(inputs), orig_proto) if inputs is not None
+             else generated_inputs(orig_proto, dict(input_shapes or {}), num_inputs, seed))
+    src = lambda m: m if isinstance(m, onnx.ModelProto) else str(m)
+    return compare_models(src(original), src(compressed), feeds, accuracy_level=accuracy_level)

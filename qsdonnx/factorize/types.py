@@ -1,0 +1,160 @@
+"""Plain-array results of the factorizations (no onnx here).
+
+Conventions, shared by every algorithm and every lowering:
+
+* A weight is a matrix ``W`` of shape ``(K, N)`` used as ``Y = X @ W`` (K is the reduction
+  axis).  Conv weights are viewed this way by the canonicalize pass.
+* A quantized matrix keeps integer codes of the same shape ``(K, N)`` and per-block scales
+  along K: block ``b`` of column ``n`` covers rows ``b*block_size ... (b+1)*block_size - 1``
+  (the last block may be partial).  ``scales`` and ``zero_points`` have shape
+  ``(ceil(K / block_size), N)``.
+* Dequantization is ``W_hat = (codes - zero_point) * scale``.  Symmetric quantization has
+  signed codes in ``[-2^(b-1), 2^(b-1) - 1]`` and no zero point; asymmetric has unsigned codes
+  in ``[0, 2^b - 1]`` and an unsigned zero point of the same bit width.
+* Byte counts follow the honest rule: codes packed at ``bits`` per value (rows padded to a
+  whole byte), scales at their stored width, zero points packed at ``bits``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    return (length + block_size - 1) // block_size
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes for ``count`` values packed at ``bits`` each (rounded up to a byte)."""
+    return (count * bits + 7) // 8
+
+
+@dataclass
+class QuantizedMatrix:
+    """Block-wise quantized ``(K, N)`` matrix; see the module docstring."""
+
+    codes: np.ndarray  # int8/int16 (symmetric, signed) or uint8 (asymmetric), shape (K, N)
+    scales: np.ndarray  # float32 values, shape (ceil(K/block), N)
+    zero_points: Optional[np.ndarray]  # uint8 shape like scales, or None when symmetric
+    bits: int
+    block_size: int
+    scale_dtype: str = "float16"  # how the scales are stored in the model
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    def dequantize(self) -> np.ndarray:
+        """``(codes - zero_point) * scale`` with the scale broadcast over its block."""
+        K = self.codes.shape[0]
+        scale = np.repeat(self.stored_scales(), self.block_size, axis=0)[:K]
+        c = self.codes.astype(np.float32)
+        if self.zero_points is not None:
+            c = c - np.repeat(self.zero_points.astype(np.float32), self.block_size, axis=0)[:K]
+        return c * scale
+
+    def stored_scales(self) -> np.ndarray:
+        """The scales exactly as the model will hold them (rounded to ``scale_dtype``)."""
+        return self.scales.astype(self.scale_dtype).astype(np.float32)
+
+    def nbytes(self) -> int:
+        K, N = self.codes.shape
+        n = N * packed_nbytes(K, self.bits)
+        n += self.scales.size * np.dtype(self.scale_dtype).itemsize
+        if self.zero_points is not None:
+            n += N * packed_nbytes(self.zero_points.shape[0], self.bits)
+        return n
+
+
+@dataclass
+class DenseMatrix:
+    """An unquantized factor, stored in a float type (``float32`` or ``float16``)."""
+
+    values: np.ndarray
+    dtype: str = "float32"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> np.ndarray:
+        return self.values.astype(self.dtype).astype(np.float32)
+
+    def nbytes(self) -> int:
+        return self.values.size * np.dtype(self.dtype).itemsize
+
+
+Factor = Union[QuantizedMatrix, DenseMatrix]
+
+
+@dataclass
+class SparseMatrix:
+    """COO/CSR-ready sparse ``(K, N)`` matrix: ``rows``/``cols`` int32, ``values`` float."""
+
+    shape: tuple[int, int]
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+    value_dtype: str = "float16"
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.size)
+
+    def index_bytes(self) -> int:
+        # A flat index into K*N stored as int32 (int64 above 2^31 elements).
+        K, N = self.shape
+        return 4 if K * N < 2**31 else 8
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.shape, np.float32)
+        np.add.at(out, (self.rows, self.cols), self.values.astype(self.value_dtype).astype(np.float32))
+        return out
+
+    def nbytes(self) -> int:
+        return self.nnz * (self.index_bytes() + np.dtype(self.value_dtype).itemsize)
+
+
+@dataclass
+class Factorization:
+    """``W ≈ deq(q) + deq(left) @ deq(right) + sparse``; any part may be absent."""
+
+    method: str
+    shape: tuple[int, int]
+    q: Optional[QuantizedMatrix] = None
+    left: Optional[Factor] = None  # (K, r)
+    right: Optional[Factor] = None  # (r, N)
+    sparse: Optional[SparseMatrix] = None
+    info: dict = field(default_factory=dict)  # free-form details for the report
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.left is None else int(self.left.shape[1])
+
+    def dense(self) -> np.ndarray:
+        """The reconstructed weight ``W_hat`` in float32."""
+        out = np.zeros(self.shape, np.float32)
+        if self.q is not None:
+            out += self.q.dequantize()
+        if self.left is not None and self.right is not None:
+            out += self.left.dequantize() @ self.right.dequantize()
+        if self.sparse is not None:
+            out += self.sparse.dense()
+        return out
+
+    def nbytes(self) -> int:
+        n = 0
+        for part in (self.q, self.left, self.right, self.sparse):
+            if part is not None:
+                n += part.nbytes()
+        return n
+
+    def bits_per_weight(self) -> float:
+        K, N = self.shape
+        return 8.0 * self.nbytes() / (K * N)

@@ -1,0 +1,151 @@
+"""Small helpers for editing an ONNX graph: unique names, new initializers, node replacement."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .factorize.packing import pack_bits
+
+NP_TO_ONNX = {
+    "float32": onnx.TensorProto.FLOAT,
+    "float16": onnx.TensorProto.FLOAT16,
+}
+
+# ONNX integer element types by (bits, signed).
+INT_TYPES = {
+    (2, True): onnx.TensorProto.INT2,
+    (2, False): onnx.TensorProto.UINT2,
+    (4, True): onnx.TensorProto.INT4,
+    (4, False): onnx.TensorProto.UINT4,
+    (8, True): onnx.TensorProto.INT8,
+    (8, False): onnx.TensorProto.UINT8,
+}
+
+
+def container_bits(bits: int) -> int:
+    """ONNX has 2-, 4- and 8-bit integer types; 3-bit codes travel in 4-bit ones."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.TensorProto:
+    """A packed INT2/INT4/INT8 (or unsigned) tensor: flat row-major order, first value in the
+    lowest bits of each byte, values two's complement when signed."""
+    cbits = container_bits(bits)
+    dtype = INT_TYPES[(cbits, signed)]
+    flat = np.asarray(values).astype(np.int64).ravel()
+    mask = (1 << cbits) - 1
+    raw = pack_bits((flat & mask).astype(np.uint8), cbits)
+    return helper.make_tensor(name, dtype, list(values.shape), raw.tobytes(), raw=True)
+
+
+def float_tensor(name: str, values: np.ndarray, dtype: str) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(values).astype(dtype), name)
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's payload as stored in the file."""
+    if t.raw_data:
+        return len(t.raw_data)
+    return numpy_helper.to_array(t).nbytes
+
+
+def node_key(node: onnx.NodeProto) -> str:
+    """A node's name, or its first output when unnamed (unique in a valid graph)."""
+    return node.name or node.output[0]
+
+
+class GraphEdit:
+    """Collects new initializers and node replacements, then applies them in topological order.
+
+    Generated names are deterministic: ``<weight>.qsd.<part>``; a numeric suffix is added only
+    when that name is already taken.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.taken: set[str] = set()
+        for t in self.graph.initializer:
+            self.taken.add(t.name)
+        for v in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
+            self.taken.add(v.name)
+        for n in self.graph.node:
+            self.taken.update(n.output)
+            self.taken.update(n.input)
+            if n.name:
+                self.taken.add(n.name)
+        self.new_initializers: list[onnx.TensorProto] = []
+        self.before: dict[int, list[onnx.NodeProto]] = {}  # node index -> nodes emitted before it
+        self.replace: dict[int, list[onnx.NodeProto]] = {}
+        # protobuf hands out new wrapper objects on each access, so nodes are keyed by name.
+        self.index = {node_key(n): i for i, n in enumerate(self.graph.node)}
+        self.removed_weights: set[str] = set()
+
+    def unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name = f"{base}.{k}"
+            k += 1
+        self.taken.add(name)
+        return name
+
+    def add_initializer(self, tensor: onnx.TensorProto) -> str:
+        tensor.name = self.unique(tensor.name)
+        self.new_initializers.append(tensor)
+        return tensor.name
+
+    def node(self, op: str, inputs: Iterable[str], name: str, outputs: Optional[list[str]] = None,
+             domain: str = "", **attrs) -> onnx.NodeProto:
+        node_name = self.unique(name)
+        outs = outputs if outputs is not None else [self.unique(name + ".out")]
+        return helper.make_node(op, list(inputs), outs, name=node_name, domain=domain or None, **attrs)
+
+    def replace_node(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto],
+                     prelude: Optional[list[onnx.NodeProto]] = None) -> None:
+        i = self.index[node_key(node)]
+        self.replace[i] = new_nodes
+        if prelude:
+            self.before.setdefault(i, []).extend(prelude)
+
+    def new_initializer_bytes(self) -> int:
+        return sum(tensor_nbytes(t) for t in self.new_initializers)
+
+    def commit(self) -> None:
+        nodes: list[onnx.NodeProto] = []
+        for i, n in enumerate(self.graph.node):
+            nodes.extend(self.before.get(i, []))
+            nodes.extend(self.replace.get(i, [n]))
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        self.graph.initializer.extend(self.new_initializers)
+        remove_unused_initializers(self.model)
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> list[str]:
+    """Drop initializers no node (in any subgraph) and no graph output refers to."""
+    used: set[str] = {o.name for o in model.graph.output}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for n in graph.node:
+            used.update(n.input)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        visit(g)
+
+    visit(model.graph)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    dropped = [t.name for t in model.graph.initializer if t.name not in used]
+    if dropped:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        names = set(dropped)
+        inputs = [i for i in model.graph.input if i.name not in names]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+    return dropped

@@ -1,0 +1,1 @@
+"""Pipeline passes: one family per module."""

@@ -1,0 +1,186 @@
+"""Finding the weights to compress and viewing each as a ``(K, N)`` matrix used as ``X @ W``."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import InputError
+from ..graph import node_key
+from .base import Context, Pass, WeightRecord
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+SUBGRAPH_OPS = {"If", "Loop", "Scan"}
+
+
+def node_attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def _walk_subgraph_nodes(graph: onnx.GraphProto, owner: str):
+    for node in graph.node:
+        yield node, owner
+        for g in _subgraphs(node):
+            yield from _walk_subgraph_nodes(g, owner)
+
+
+def matrix_view(op: str, weight: np.ndarray, attrs: dict) -> tuple[str, np.ndarray]:
+    """The ``(K, N)`` matrix of a weight and the name of the view.
+
+    MatMul ``B`` is used as is; Gemm uses ``alpha·B`` (or ``alpha·Bᵀ`` when transB), so alpha
+    is folded into the weight; Conv ``(O, I/g, *k)`` becomes ``reshape(O, -1)ᵀ`` so each output
+    channel's flattened kernel is one column; a Gather table ``(V, D)`` becomes its transpose,
+    so a row (an embedding) is one column and blocks run along D.
+    """
+    if op == "MatMul":
+        return "matmul", weight
+    if op == "Gemm":
+        w = weight.T if attrs.get("transB", 0) else weight
+        return "gemm", (w * np.asarray(attrs.get("alpha", 1.0), dtype=w.dtype)).astype(w.dtype)
+    if op == "Conv":
+        view = "conv" if attrs.get("group", 1) == 1 else "conv-grouped"
+        return view, weight.reshape(weight.shape[0], -1).T
+    if op == "Gather":
+        return "embedding", weight.T
+    raise ValueError(op)
+
+
+class FindWeightsPass(Pass):
+    """Creates one ``WeightRecord`` per constant weight of MatMul, Gemm, Conv and Gather.
+
+    A weight shared by several nodes of the same kind is compressed once and reused; anything
+    that cannot be compressed is recorded as skipped with the reason.
+    """
+
+    name = "find-weights"
+
+    def run(self, ctx: Context) -> str:
+        cfg = ctx.config
+        graph = ctx.model.graph
+        inits = {t.name: t for t in graph.initializer}
+        graph_inputs = {i.name for i in graph.input}
+        graph_outputs = {o.name for o in graph.output}
+        uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        for node in graph.node:
+            for idx, name in enumerate(node.input):
+                if name:
+                    uses[name].append((node, idx))
+        subgraph_uses: dict[str, str] = {}
+        sub_candidates: list[tuple[onnx.NodeProto, str]] = []
+        for node in graph.node:
+            if node.op_type in SUBGRAPH_OPS or any(True for _ in _subgraphs(node)):
+                owner = f"{node.op_type} {node_key(node)}"
+                for g in _subgraphs(node):
+                    for sub, _ in _walk_subgraph_nodes(g, owner):
+                        for name in sub.input:
+                            subgraph_uses.setdefault(name, owner)
+                        if sub.op_type in ("MatMul", "Gemm", "Conv", "Gather"):
+                            sub_candidates.append((sub, owner))
+
+        records: dict[str, WeightRecord] = {}
+        for node in graph.node:
+            op = node.op_type
+            if op not in ("MatMul", "Gemm", "Conv", "Gather") or node.domain not in ("", "ai.onnx"):
+                continue
+            widx = 0 if op == "Gather" else 1
+            if len(node.input) <= widx:
+                continue
+            wname = node.input[widx]
+            if wname not in inits or wname in graph_inputs:
+                continue
+            tensor = inits[wname]
+            attrs = node_attrs(node)
+            node_name = node_key(node)
+            rec = records.get(wname)
+            if rec is not None:
+                rec.nodes.append(node_name)
+                if rec.op != op or rec.extra.get("attrs_key") != _attrs_key(op, attrs):
+                    rec.skip(f"shared by nodes that need different rewrites ({rec.op} and {op})")
+                continue
+            location = "constant-node" if wname in ctx.lifted else (
+                "external-data" if wname in ctx.external else "initializer")
+            dims = tuple(int(d) for d in tensor.dims)
+            rec = WeightRecord(name=wname, op=op, nodes=[node_name], shape=dims,
+                               dtype=FLOAT_TYPES.get(tensor.data_type, onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name),
+                               location=location)
+            rec.extra["attrs_key"] = _attrs_key(op, attrs)
+            rec.bytes_before = int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if dims else 0
+            records[wname] = rec
+            reason = self._why_not(rec, tensor, node, attrs)
+            if reason:
+                rec.skip(reason)
+
+        for wname, rec in records.items():
+            other = [n.op_type for n, i in uses[wname]
+                     if n.op_type != rec.op or (n.op_type == "Gather" and i != 0) or (n.op_type != "Gather" and i != 1)]
+            if rec.status == "candidate" and other:
+                rec.skip(f"also used as input of {', '.join(sorted(set(other)))} (the original must stay)")
+            elif rec.status == "candidate" and wname in subgraph_uses:
+                rec.skip(f"also used inside {subgraph_uses[wname]} (the original must stay)")
+            elif rec.status == "candidate" and wname in graph_outputs:
+                rec.skip("is a graph output")
+            if rec.status == "candidate":
+                weight = numpy_helper.to_array(inits[wname])
+                if not np.all(np.isfinite(weight)):
+                    bad = int(np.size(weight) - np.count_nonzero(np.isfinite(weight)))
+                    raise InputError(f"weight {wname!r} contains {bad} NaN/Inf values")
+                node = next(n for n, i in uses[wname] if n.op_type == rec.op)
+                view, matrix = matrix_view(rec.op, weight, node_attrs(node))
+                rec.view = view
+                rec.matrix_shape = tuple(int(s) for s in matrix.shape)
+                ctx.weights[wname] = np.ascontiguousarray(matrix, dtype=np.float32)
+                if rec.numel < cfg.min_elements:
+                    rec.skip(f"too small ({rec.numel} elements < {cfg.min_elements})")
+                elif cfg.is_excluded(wname):
+                    rec.skip("excluded by --exclude")
+                elif (ov := cfg.override_for(wname)) is not None and ov.skip:
+                    rec.skip("skipped by --override")
+                elif view == "embedding" and not cfg.compress_embeddings:
+                    rec.skip("embedding tables not compressed (--no-embeddings)")
+                if rec.status != "candidate":
+                    ctx.weights.pop(wname, None)
+
+        for sub, owner in sub_candidates:
+            widx = 0 if sub.op_type == "Gather" else 1
+            wname = sub.input[widx] if len(sub.input) > widx else ""
+            if wname and wname not in records:
+                rec = WeightRecord(name=wname, op=sub.op_type, nodes=[sub.name or sub.output[0]], shape=(),
+                                   dtype="", location="subgraph")
+                rec.skip(f"inside {owner} (subgraph bodies are not rewritten)")
+                records[wname] = rec
+
+        ctx.records = list(records.values())
+        n_c = len(ctx.candidates())
+        return f"{len(ctx.records)} weights found, {n_c} to compress"
+
+    def _why_not(self, rec: WeightRecord, tensor: onnx.TensorProto, node: onnx.NodeProto, attrs: dict) -> str:
+        if tensor.data_type not in FLOAT_TYPES:
+            return f"weight type {onnx.helper.tensor_dtype_to_string(tensor.data_type)} is not float32/float16"
+        nd = len(rec.shape)
+        if rec.op in ("MatMul", "Gemm", "Gather") and nd != 2:
+            return f"{nd}-D weight (only 2-D is supported for {rec.op})"
+        if rec.op == "Conv" and nd not in (3, 4, 5):
+            return f"{nd}-D Conv weight"
+        if rec.op == "Gather" and attrs.get("axis", 0) != 0:
+            return "Gather along an axis other than 0"
+        return ""
+
+
+def _attrs_key(op: str, attrs: dict) -> tuple:
+    if op == "Gemm":
+        return (attrs.get("transB", 0), float(attrs.get("alpha", 1.0)))
+    if op == "Conv":
+        return (attrs.get("group", 1),)
+    if op == "Gather":
+        return (attrs.get("axis", 0),)
+    return ()

@@ -1,0 +1,338 @@
+"""The portable lowering: block-wise ``DequantizeLinear`` feeding ``MatMul`` / ``Conv`` chains.
+
+For a weight factorized as ``W ≈ deq(Q) + deq(L)·deq(R) + S`` a MatMul ``Y = X·W`` becomes
+``X·deq(Q) + (X·deq(L))·deq(R) + X·S``; Gemm keeps its bias (``beta·C``) and transA; a Conv
+with group 1 and a low-rank part becomes a k×k Conv with ``r`` filters followed by a 1×1 Conv;
+a Gather table gathers the packed codes of the requested rows and dequantizes only those.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..factorize.packing import pack_bits
+from ..factorize.types import DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix
+from ..graph import GraphEdit, node_key, container_bits, float_tensor, int_tensor, tensor_nbytes
+from .base import Context, Pass, WeightRecord
+from .canonicalize import node_attrs
+
+MIN_OPSET = 21
+INT2_OPSET = 25
+
+
+def required_opset(ctx: Context) -> int:
+    """Block-wise DequantizeLinear needs opset 21; 2-bit integer types need 25."""
+    need = MIN_OPSET
+    for name, f in ctx.factorizations.items():
+        rec = ctx.record(name)
+        if rec.view == "embedding":
+            continue
+        for part in (f.q, f.left, f.right):
+            if isinstance(part, QuantizedMatrix) and part.bits <= 2:
+                need = INT2_OPSET
+    return need
+
+
+class QdqEmitter:
+    """Emits the nodes and initializers that rebuild one factorized weight."""
+
+    def __init__(self, edit: GraphEdit, rec: WeightRecord, f: Factorization):
+        self.edit = edit
+        self.rec = rec
+        self.f = f
+        self.dtype = rec.dtype
+        self.onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
+        self.prelude: list[onnx.NodeProto] = []
+        self.base = f"{rec.name}.qsd"
+        self._cache: dict[str, str] = {}
+        self.other_bytes = 0  # new bytes that replace something other than the weight
+
+    # -- weight parts -------------------------------------------------------------------------
+    def scales(self, part: str, qm: QuantizedMatrix, transpose: bool) -> str:
+        s = qm.scales.T if transpose else qm.scales
+        name = self.edit.add_initializer(float_tensor(f"{self.base}.{part}_scale", s, qm.scale_dtype))
+        if qm.scale_dtype != self.dtype:
+            # Cast the (small) scale tensor rather than the (large) dequantized weight.
+            node = self.edit.node("Cast", [name], f"{self.base}.{part}_scale_cast", to=self.onnx_dtype)
+            self.prelude.append(node)
+            name = node.output[0]
+        return name
+
+    def dequant(self, part: str, m, transpose: bool) -> str:
+        """Float tensor of ``m`` (``(K, N)``, or ``(N, K)`` when ``transpose``); blocks run along K."""
+        key = f"{part}:{transpose}"
+        if key in self._cache:
+            return self._cache[key]
+        if isinstance(m, DenseMatrix):
+            v = m.values.T if transpose else m.values
+            out = self.edit.add_initializer(float_tensor(f"{self.base}.{part}", v, self.dtype))
+        else:
+            codes = m.codes.T if transpose else m.codes
+            codes_name = self.edit.add_initializer(int_tensor(f"{self.base}.{part}", codes, m.bits, m.symmetric))
+            inputs = [codes_name, self.scales(part, m, transpose)]
+            if not m.symmetric:
+                zp = m.zero_points.T if transpose else m.zero_points
+                inputs.append(self.edit.add_initializer(int_tensor(f"{self.base}.{part}_zero_point", zp, m.bits, False)))
+            node = self.edit.node("DequantizeLinear", inputs, f"{self.base}.{part}_dq",
+                                  axis=1 if transpose else 0, block_size=m.block_size)
+            self.prelude.append(node)
+            out = node.output[0]
+        self._cache[key] = out
+        return out
+
+    def sparse_dense(self, sp: SparseMatrix, transpose: bool) -> str:
+        """Rebuilds a dense ``(K, N)`` (or ``(N, K)``) float tensor from sparse values + flat indices."""
+        key = f"S:{transpose}"
+        if key in self._cache:
+            return self._cache[key]
+        K, N = sp.shape
+        rows, cols = (sp.cols, sp.rows) if transpose else (sp.rows, sp.cols)
+        width = K if transpose else N
+        flat = rows.astype(np.int64) * width + cols.astype(np.int64)
+        idx_dtype = np.int32 if sp.index_bytes() == 4 else np.int64
+        idx = self.edit.add_initializer(numpy_helper.from_array(flat.astype(idx_dtype), f"{self.base}.S_index"))
+        vals = self.edit.add_initializer(float_tensor(f"{self.base}.S_values", sp.values, sp.value_dtype))
+        total = K * N
+        nodes = []
+        cast_idx = self.edit.node("Cast", [idx], f"{self.base}.S_index_i64", to=onnx.TensorProto.INT64)
+        unsq = self.edit.add_initializer(numpy_helper.from_array(np.array([1], np.int64), f"{self.base}.S_axes"))
+        idx2 = self.edit.node("Unsqueeze", [cast_idx.output[0], unsq], f"{self.base}.S_index_2d")
+        vals_cast = vals
+        if sp.value_dtype != self.dtype:
+            vc = self.edit.node("Cast", [vals], f"{self.base}.S_values_cast", to=self.onnx_dtype)
+            nodes.append(vc)
+            vals_cast = vc.output[0]
+        zeros = self.edit.add_initializer(float_tensor(f"{self.base}.S_zeros_shape", np.array([total]), "int64"))
+        zero = self.edit.node("ConstantOfShape", [zeros], f"{self.base}.S_zeros",
+                              value=helper.make_tensor("v", self.onnx_dtype, [1], [0]))
+        scatter = self.edit.node("ScatterND", [zero.output[0], idx2.output[0], vals_cast], f"{self.base}.S_scatter")
+        shape = self.edit.add_initializer(float_tensor(
+            f"{self.base}.S_shape", np.array([N, K] if transpose else [K, N]), "int64"))
+        dense = self.edit.node("Reshape", [scatter.output[0], shape], f"{self.base}.S_dense")
+        nodes += [cast_idx, idx2, zero, scatter, dense]
+        self.prelude.extend(nodes)
+        self._cache[key] = dense.output[0]
+        return dense.output[0]
+
+    def const(self, name: str, values, dtype: str) -> str:
+        return self.edit.add_initializer(float_tensor(f"{self.base}.{name}", np.asarray(values), dtype))
+
+
+def lower_matmul_like(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """``X·W`` (MatMul, Gemm) from the parts; returns the replacement nodes."""
+    f = em.f
+    nodes: list[onnx.NodeProto] = []
+    attrs = node_attrs(node)
+    x = node.input[0]
+    tag = node_key(node)
+    if node.op_type == "Gemm" and attrs.get("transA", 0):
+        t = edit.node("Transpose", [x], f"{tag}.qsd.transA", perm=[1, 0])
+        nodes.append(t)
+        x = t.output[0]
+    terms: list[str] = []
+    if f.q is not None:
+        mm = edit.node("MatMul", [x, em.dequant("Q", f.q, False)], f"{tag}.qsd.matmul_q")
+        nodes.append(mm)
+        terms.append(mm.output[0])
+    if f.left is not None:
+        m1 = edit.node("MatMul", [x, em.dequant("L", f.left, False)], f"{tag}.qsd.matmul_l")
+        m2 = edit.node("MatMul", [m1.output[0], em.dequant("R", f.right, False)], f"{tag}.qsd.matmul_r")
+        nodes += [m1, m2]
+        terms.append(m2.output[0])
+    if f.sparse is not None:
+        ms = edit.node("MatMul", [x, em.sparse_dense(f.sparse, False)], f"{tag}.qsd.matmul_s")
+        nodes.append(ms)
+        terms.append(ms.output[0])
+    bias: Optional[str] = None
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        beta = float(attrs.get("beta", 1.0))
+        bias = node.input[2]
+        if beta != 1.0:
+            c_init = next((t for t in edit.graph.initializer if t.name == bias), None)
+            if c_init is not None:
+                c = numpy_helper.to_array(c_init)
+                bias = edit.add_initializer(numpy_helper.from_array((c * beta).astype(c.dtype), f"{em.base}.beta_C"))
+                # beta·C replaces C, not the weight: keep it out of the weight's byte count.
+                em.other_bytes += c.nbytes
+            else:
+                b = em.const("beta", np.array(beta), em.dtype)
+                mul = edit.node("Mul", [bias, b], f"{tag}.qsd.beta")
+                nodes.append(mul)
+                bias = mul.output[0]
+    if bias is not None:
+        terms.append(bias)
+    _sum_into(edit, nodes, terms, node.output[0], tag)
+    return nodes
+
+
+def _sum_into(edit: GraphEdit, nodes: list, terms: list[str], out: str, tag: str) -> None:
+    if len(terms) == 1:
+        nodes.append(edit.node("Identity", terms, f"{tag}.qsd.out", outputs=[out]))
+        return
+    acc = terms[0]
+    for k, t in enumerate(terms[1:], 1):
+        last = k == len(terms) - 1
+        add = edit.node("Add", [acc, t], f"{tag}.qsd.add{k}", outputs=[out] if last else None)
+        nodes.append(add)
+        acc = add.output[0]
+
+
+def lower_conv(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: WeightRecord) -> list[onnx.NodeProto]:
+    """Conv from the parts: dequantized k×k kernel for Q; k×k Conv with r filters then 1×1 Conv for L·R."""
+    f = em.f
+    attrs = node_attrs(node)
+    tag = node_key(node)
+    O = rec.shape[0]
+    kshape = list(rec.shape[2:])
+    nodes: list[onnx.NodeProto] = []
+    x = node.input[0]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    terms: list[str] = []
+    base_attrs = {k: v for k, v in attrs.items()}
+
+    def reshape(src: str, shape: list[int], label: str) -> str:
+        s = em.const(f"{label}_shape", np.array(shape, np.int64), "int64")
+        r = edit.node("Reshape", [src, s], f"{em.base}.{label}_kernel")
+        em.prelude.append(r)
+        return r.output[0]
+
+    q_or_sparse = []
+    if f.q is not None:
+        q_or_sparse.append(em.dequant("Q", f.q, True))
+    if f.sparse is not None:
+        q_or_sparse.append(em.sparse_dense(f.sparse, True))
+    if q_or_sparse:
+        w2d = q_or_sparse[0]
+        if len(q_or_sparse) > 1:
+            add = edit.node("Add", q_or_sparse, f"{em.base}.QS")
+            em.prelude.append(add)
+            w2d = add.output[0]
+        wq = reshape(w2d, list(rec.shape), "Q")
+        conv = edit.node("Conv", [x, wq] + ([bias] if bias else []), f"{tag}.qsd.conv_q", **base_attrs)
+        nodes.append(conv)
+        terms.append(conv.output[0])
+        bias = None
+    if f.left is not None:
+        r = f.rank
+        I = rec.shape[1]
+        w1 = reshape(em.dequant("L", f.left, True), [r, I] + kshape, "L")
+        a1 = dict(base_attrs)
+        if "kernel_shape" in a1:
+            a1["kernel_shape"] = kshape
+        conv1 = edit.node("Conv", [x, w1], f"{tag}.qsd.conv_l", **a1)
+        w2 = reshape(em.dequant("R", f.right, True), [O, r] + [1] * len(kshape), "R")
+        conv2 = edit.node("Conv", [conv1.output[0], w2] + ([bias] if bias else []), f"{tag}.qsd.conv_r",
+                          kernel_shape=[1] * len(kshape))
+        nodes += [conv1, conv2]
+        terms.append(conv2.output[0])
+    _sum_into(edit, nodes, terms, node.output[0], tag)
+    return nodes
+
+
+def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: WeightRecord) -> list[onnx.NodeProto]:
+    """Gather of an embedding table stored as packed codes: gather rows of codes and scales,
+    unpack, then ``(u - zero_point) · scale`` on just those rows."""
+    qm = em.f.q
+    tag = node_key(node)
+    D, V = qm.shape
+    bits = container_bits(qm.bits)
+    B = qm.block_size
+    kb = D // B
+    if qm.symmetric:
+        u = (qm.codes.astype(np.int64) + (1 << (bits - 1))).T
+        zp = None
+    else:
+        u = qm.codes.astype(np.int64).T
+        zp = qm.zero_points.T  # (V, kb)
+    packed = pack_bits(u.astype(np.uint8), bits)  # (V, D*bits/8)
+    codes = edit.add_initializer(numpy_helper.from_array(packed, f"{em.base}.codes"))
+    scales = edit.add_initializer(float_tensor(f"{em.base}.scales", qm.scales.T, qm.scale_dtype))
+    ids = node.input[1]
+    nodes: list[onnx.NodeProto] = []
+
+    def n(op, inputs, label, **kw):
+        nd = edit.node(op, inputs, f"{tag}.qsd.{label}", **kw)
+        nodes.append(nd)
+        return nd.output[0]
+
+    g = n("Gather", [codes, ids], "gather_codes", axis=0)
+    if bits < 8:
+        parts = []
+        mask = em.const("mask", np.array((1 << bits) - 1, np.uint8), "uint8")
+        axes = em.const("axes_last", np.array([-1], np.int64), "int64")
+        for j in range(8 // bits):
+            v = g
+            if j:
+                sh = em.const(f"shift{j}", np.array(j * bits, np.uint8), "uint8")
+                v = n("BitShift", [g, sh], f"shift{j}", direction="RIGHT")
+            v = n("BitwiseAnd", [v, mask], f"mask{j}")
+            parts.append(n("Unsqueeze", [v, axes], f"unsq{j}"))
+        g = n("Concat", parts, "interleave", axis=-1)
+    gs = n("Gather", [scales, ids], "gather_scales", axis=0)  # (..., kb)
+    if qm.scale_dtype != em.dtype:
+        gs = n("Cast", [gs], "scales_cast", to=em.onnx_dtype)
+    # codes: (..., D*bits/8, 8/bits) -> (..., kb, B); scales (..., kb) -> (..., kb, 1)
+    blk = em.const("block_shape", np.array([kb, B], np.int64), "int64")
+    shape_ids = n("Shape", [ids], "ids_shape")
+    full = n("Concat", [shape_ids, blk], "blocked_shape", axis=0)
+    cf = n("Cast", [g], "codes_float", to=em.onnx_dtype)
+    cb = n("Reshape", [cf, full], "codes_blocked")
+    if zp is None:
+        z = em.const("zero_point", np.array(1 << (bits - 1)), em.dtype)
+        cz = n("Sub", [cb, z], "center")
+    else:
+        zpk = edit.add_initializer(numpy_helper.from_array(zp.astype(np.uint8), f"{em.base}.zero_points"))
+        gz = n("Gather", [zpk, ids], "gather_zp", axis=0)
+        gzf = n("Cast", [gz], "zp_float", to=em.onnx_dtype)
+        axes = em.const("axes_last2", np.array([-1], np.int64), "int64")
+        cz = n("Sub", [cb, n("Unsqueeze", [gzf, axes], "zp_unsq")], "center")
+    axes = em.const("axes_last3", np.array([-1], np.int64), "int64")
+    scaled = n("Mul", [cz, n("Unsqueeze", [gs, axes], "scale_unsq")], "scaled")
+    dshape = em.const("row_shape", np.array([D], np.int64), "int64")
+    out_shape = n("Concat", [shape_ids, dshape], "out_shape", axis=0)
+    nodes.append(edit.node("Reshape", [scaled, out_shape], f"{tag}.qsd.rows", outputs=[node.output[0]]))
+    return nodes
+
+
+def gather_supported(rec: WeightRecord, f: Factorization) -> str:
+    """Empty string when the Gather lowering can take ``f``, else the reason it cannot."""
+    if f.q is None or f.left is not None or f.sparse is not None:
+        return "embedding tables take plain quantization only"
+    if f.q.shape[0] % f.q.block_size:
+        return f"embedding width {f.q.shape[0]} is not a multiple of the block size {f.q.block_size}"
+    return ""
+
+
+class LowerQdqPass(Pass):
+    """Rewrites every compressed weight's consumers with DequantizeLinear chains."""
+
+    name = "lower-qdq"
+
+    def run(self, ctx: Context) -> str:
+        edit = GraphEdit(ctx.model)
+        lowered = 0
+        for name, f in ctx.factorizations.items():
+            rec = ctx.record(name)
+            if rec.status != "compressed":
+                continue
+            before = edit.new_initializer_bytes()
+            em = QdqEmitter(edit, rec, f)
+            consumers = [n for n in ctx.model.graph.node if node_key(n) in rec.nodes]
+            for node in consumers:
+                if rec.op in ("MatMul", "Gemm"):
+                    new = lower_matmul_like(edit, em, node)
+                elif rec.op == "Conv":
+                    new = lower_conv(edit, em, node, rec)
+                else:
+                    new = lower_gather(edit, em, node, rec)
+                # Parts are emitted once, right before the first consumer that needs them.
+                edit.replace_node(node, new, prelude=em.prelude)
+                em.prelude = []
+            rec.bytes_after = edit.new_initializer_bytes() - before - em.other_bytes
+            lowered += 1
+        edit.commit()
+        return f"{lowered} weights lowered to DequantizeLinear chains"

@@ -1,0 +1,181 @@
+"""End-to-end check: the original and the compressed model run in ONNX Runtime on the same inputs."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import InputError
+from .base import Context, Pass
+
+log = logging.getLogger("qsdonnx")
+
+ORT_INT_TYPES = {
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+DEFAULT_DYNAMIC = {0: 1}
+DEFAULT_OTHER_DIM = 32
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _gather_rows(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph inputs used directly as Gather indices, with the number of rows of the table."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    rows: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type == "Gather" and len(n.input) > 1:
+            table = n.input[0]
+            dims = None
+            if table in inits:
+                dims = inits[table].dims
+            elif table in consts:
+                for a in consts[table].attribute:
+                    if a.name == "value":
+                        dims = a.t.dims
+            if dims:
+                rows[n.input[1]] = int(dims[0]) if rows.get(n.input[1]) is None else min(rows[n.input[1]], int(dims[0]))
+    return rows
+
+
+def generated_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], count: int, seed: int = 0
+                     ) -> list[dict[str, np.ndarray]]:
+    """Inputs made from the graph's input types: normal floats, valid indices for Gather inputs,
+    ones for other integers; dynamic dims from ``shapes`` or 1 (first axis) / 32 (others)."""
+    rng = np.random.default_rng(seed)
+    gather_rows = _gather_rows(model)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for vi in graph_inputs(model):
+            tt = vi.type.tensor_type
+            if vi.name in shapes:
+                shape = shapes[vi.name]
+            else:
+                shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                              else DEFAULT_DYNAMIC.get(k, DEFAULT_OTHER_DIM)
+                              for k, d in enumerate(tt.shape.dim))
+            elem = tt.elem_type
+            if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+                arr = rng.standard_normal(shape).astype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+            elif elem in ORT_INT_TYPES:
+                dt = ORT_INT_TYPES[elem]
+                if vi.name in gather_rows:
+                    arr = rng.integers(0, gather_rows[vi.name], size=shape).astype(dt)
+                else:
+                    arr = np.ones(shape, dt)
+            else:
+                raise InputError(f"cannot generate values for input {vi.name!r} of type "
+                                 f"{onnx.helper.tensor_dtype_to_string(elem)}; pass --inputs")
+            feed[vi.name] = arr
+        feeds.append(feed)
+    return feeds
+
+
+def load_feeds(path: Path, model: onnx.ModelProto, batch: int = 8) -> list[dict[str, np.ndarray]]:
+    """Feeds from an ``.npz`` (arrays named after graph inputs, first axis = samples) or a
+    directory of them; each file is cut into batches of at most ``batch`` samples."""
+    path = Path(path)
+    files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise InputError(f"input data {path} does not exist or holds no .npz files")
+    names = [vi.name for vi in graph_inputs(model)]
+    feeds = []
+    for f in files:
+        try:
+            data = dict(np.load(f, allow_pickle=False))
+        except Exception as exc:  # numpy raises several types for bad files
+            raise InputError(f"cannot read {f} as .npz: {exc}") from None
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise InputError(f"{f} lacks arrays for inputs {', '.join(missing)} (has {', '.join(data) or 'none'})")
+        n = min(len(data[k]) for k in names)
+        for s in range(0, n, batch):
+            feeds.append({k: data[k][s:s + batch] for k in names})
+    return feeds
+
+
+def output_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """max |a−b|, ‖a−b‖/‖a‖, cosine(a, b) and SQNR = 10·log10(‖a‖²/‖a−b‖²) dB."""
+    a = ref.astype(np.float64).ravel()
+    b = out.astype(np.float64).ravel()
+    if a.size == 0:
+        return {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0, "sqnr_db": math.inf}
+    d = a - b
+    na, nb, nd = np.linalg.norm(a), np.linalg.norm(b), np.linalg.norm(d)
+    return {
+        "max_abs": float(np.max(np.abs(d))),
+        "rel_l2": float(nd / na) if na > 0 else float(nd),
+        "cosine": float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb),
+        "sqnr_db": float(10 * math.log10(na**2 / nd**2)) if nd > 0 and na > 0 else math.inf,
+    }
+
+
+def run_all(sess: ort.InferenceSession, feeds: Sequence[dict]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    outs: dict[str, list] = {n: [] for n in names}
+    for feed in feeds:
+        for n, v in zip(names, sess.run(names, feed)):
+            outs[n].append(np.asarray(v).ravel())
+    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in outs.items()}
+
+
+def compare_models(original: Union[str, bytes, onnx.ModelProto], compressed: Union[str, bytes, onnx.ModelProto],
+                   feeds: Sequence[dict], accuracy_level: int = 0, providers: Optional[list] = None) -> dict:
+    """Runs both models; per output, the metrics of the compressed model at ORT_DISABLE_ALL and at
+    the default optimization level against the original, and between the two levels."""
+    from ..runtime import session
+
+    ref = run_all(session(original, providers=providers), feeds)
+    levels = {
+        "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    got = {k: run_all(session(compressed, providers=providers, graph_optimization_level=lvl,
+                              accuracy_level_float=accuracy_level <= 1), feeds)
+           for k, lvl in levels.items()}
+    result: dict = {"outputs": {}, "samples": len(feeds)}
+    for name in ref:
+        result["outputs"][name] = {
+            "disable_all": output_metrics(ref[name], got["disable_all"][name]),
+            "default": output_metrics(ref[name], got["default"][name]),
+            "levels_agree": output_metrics(got["disable_all"][name], got["default"][name]),
+        }
+    worst = max((m[k]["rel_l2"] for m in result["outputs"].values() for k in ("disable_all", "default")), default=0.0)
+    result["max_rel_l2"] = worst
+    disagree = max((m["levels_agree"]["rel_l2"] for m in result["outputs"].values()), default=0.0)
+    result["level_disagreement"] = disagree
+    return result
+
+
+def validation_feeds(ctx: Context, model: onnx.ModelProto) -> list[dict]:
+    cfg = ctx.config
+    if cfg.inputs is not None:
+        return load_feeds(cfg.inputs, model, cfg.calib_batch)
+    return generated_inputs(model, dict(cfg.input_shapes), cfg.num_inputs, cfg.seed)
+
+
+class ValidatePass(Pass):
+    """Compares original and compressed outputs and records the metrics in the context."""
+
+    name = "validate"
+
+    def run(self, ctx: Context) -> str:
+        original = str(ctx.input_path) if ctx.input_path is not None else ctx.original
+        feeds = validation_feeds(ctx, ctx.original)
+        ctx.validation = compare_models(original, ctx.model, feeds, accuracy_level=ctx.config.accuracy_level)
+        if ctx.validation["level_disagreement"] > 1e-3:
+            log.warning("compressed model gives different outputs at ORT_DISABLE_ALL and the default "
+                        "optimization level (relative L2 %.2e)", ctx.validation["level_disagreement"])
+        return f"max relative L2 error {ctx.validation['max_rel_l2']:.3e} over {len(feeds)} inputs"
