@@ -49,7 +49,7 @@ def _lowering(cfg: OptimizeConfig):
         return LowerQdqPass()
     if cfg.format == "nbits":
         from .passes.lower_nbits import LowerNbitsPass
-        return LowerNbitsPass()
+        return LowerNbitsPass(cfg.accuracy_level)
     from .passes.lower_fused import LowerFusedPass
     return LowerFusedPass()
 

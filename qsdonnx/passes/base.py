@@ -71,6 +71,7 @@ class Context:
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # candidate weight arrays by name
     factorizations: dict[str, Any] = field(default_factory=dict)  # name -> Factorization
     calibration: dict[str, Any] = field(default_factory=dict)  # name -> statistics
+    calib_info: dict = field(default_factory=dict)  # where the calibration data came from
     original: Optional[onnx.ModelProto] = None  # untouched copy of the input, for validation
     original_file_size: int = 0
     validation: dict = field(default_factory=dict)

@@ -118,6 +118,10 @@ class QdqEmitter:
         self._cache[key] = dense.output[0]
         return dense.output[0]
 
+    def matmul(self, x: str, part: str, m, tag: str) -> onnx.NodeProto:
+        """``x · deq(m)`` as one node (its inputs' dequantization goes to the prelude)."""
+        return self.edit.node("MatMul", [x, self.dequant(part, m, False)], f"{tag}.qsd.matmul_{part.lower()}")
+
     def const(self, name: str, values, dtype: str) -> str:
         return self.edit.add_initializer(float_tensor(f"{self.base}.{name}", np.asarray(values), dtype))
 
@@ -135,12 +139,12 @@ def lower_matmul_like(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto) -> 
         x = t.output[0]
     terms: list[str] = []
     if f.q is not None:
-        mm = edit.node("MatMul", [x, em.dequant("Q", f.q, False)], f"{tag}.qsd.matmul_q")
+        mm = em.matmul(x, "Q", f.q, tag)
         nodes.append(mm)
         terms.append(mm.output[0])
     if f.left is not None:
-        m1 = edit.node("MatMul", [x, em.dequant("L", f.left, False)], f"{tag}.qsd.matmul_l")
-        m2 = edit.node("MatMul", [m1.output[0], em.dequant("R", f.right, False)], f"{tag}.qsd.matmul_r")
+        m1 = em.matmul(x, "L", f.left, tag)
+        m2 = em.matmul(m1.output[0], "R", f.right, tag)
         nodes += [m1, m2]
         terms.append(m2.output[0])
     if f.sparse is not None:
@@ -308,9 +312,19 @@ def gather_supported(rec: WeightRecord, f: Factorization) -> str:
 
 
 class LowerQdqPass(Pass):
-    """Rewrites every compressed weight's consumers with DequantizeLinear chains."""
+    """Rewrites every compressed weight's consumers with DequantizeLinear chains.
+
+    Subclasses change how one quantized matrix is multiplied (``emitter``) or how a whole
+    MatMul/Gemm is rewritten (``lower_matmul``); Conv and Gather use this portable form in
+    every format.
+    """
 
     name = "lower-qdq"
+    emitter = QdqEmitter
+
+    def lower_matmul(self, edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto,
+                     rec: WeightRecord) -> list[onnx.NodeProto]:
+        return lower_matmul_like(edit, em, node)
 
     def run(self, ctx: Context) -> str:
         edit = GraphEdit(ctx.model)
@@ -320,11 +334,11 @@ class LowerQdqPass(Pass):
             if rec.status != "compressed":
                 continue
             before = edit.new_initializer_bytes()
-            em = QdqEmitter(edit, rec, f)
+            em = self.emitter(edit, rec, f)
             consumers = [n for n in ctx.model.graph.node if node_key(n) in rec.nodes]
             for node in consumers:
                 if rec.op in ("MatMul", "Gemm"):
-                    new = lower_matmul_like(edit, em, node)
+                    new = self.lower_matmul(edit, em, node, rec)
                 elif rec.op == "Conv":
                     new = lower_conv(edit, em, node, rec)
                 else:
@@ -335,4 +349,4 @@ class LowerQdqPass(Pass):
             rec.bytes_after = edit.new_initializer_bytes() - before - em.other_bytes
             lowered += 1
         edit.commit()
-        return f"{lowered} weights lowered to DequantizeLinear chains"
+        return f"{lowered} weights lowered ({self.name})"

@@ -1,0 +1,165 @@
+"""Calibration: stream each target layer's input through ONNX Runtime and accumulate ``H = XᵀX``.
+
+The original model is run with every target layer's input exposed as an extra graph output;
+per batch, each activation is flattened to rows of the layer's reduction axis (Conv: unfolded
+input patches in the weight's ``(C, kh, kw)`` order) and added into a float64 ``H``.  Only the
+``K×K`` sums are kept, never the activations themselves.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import InputError
+from ..graph import node_key
+from .base import Context, Pass, WeightRecord
+from .canonicalize import node_attrs
+from .validate import generated_inputs, load_feeds
+
+log = logging.getLogger("qsdonnx")
+
+
+def _conv_rows(x: torch.Tensor, attrs: dict, kshape: list[int]) -> torch.Tensor | None:
+    """Unfolded patches ``(n·L, C·kh·kw)`` of a 2-D Conv input, or None for other ranks/padding modes."""
+    if x.dim() != 4 or len(kshape) != 2:
+        return None
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    strides = list(attrs.get("strides", [1, 1]))
+    dil = list(attrs.get("dilations", [1, 1]))
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for i in range(2):
+            size = x.shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kshape[i] - 1) * dil[i] + 1 - size)
+            lo = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            pads.append((lo, total - lo))
+        x = F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
+        padding = 0
+    elif auto_pad == "VALID":
+        padding = 0
+    else:
+        p = list(attrs.get("pads", [0, 0, 0, 0]))
+        if p[0] != p[2] or p[1] != p[3]:
+            x = F.pad(x, (p[1], p[3], p[0], p[2]))
+            padding = 0
+        else:
+            padding = (p[0], p[1])
+    cols = F.unfold(x, kernel_size=kshape, dilation=dil, padding=padding, stride=strides)  # (n, K, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+class HessianAccumulator:
+    """``H = Σ xᵀx`` over rows ``x`` of one layer's input (float64), with the row count."""
+
+    def __init__(self, K: int):
+        self.H = torch.zeros(K, K, dtype=torch.float64)
+        self.rows = 0
+        self.absmax = torch.zeros(K, dtype=torch.float64)
+
+    def add(self, rows: torch.Tensor) -> None:
+        r = rows.to(torch.float64)
+        self.H.addmm_(r.T, r)
+        self.rows += r.shape[0]
+        self.absmax = torch.maximum(self.absmax, r.abs().amax(dim=0))
+
+    def result(self) -> dict:
+        n = max(self.rows, 1)
+        return {"H": (self.H / n).to(torch.float32).numpy(), "rows": self.rows,
+                "absmax": self.absmax.to(torch.float32).numpy()}
+
+
+def calibration_feeds(ctx: Context) -> list[dict]:
+    cfg = ctx.config
+    if cfg.calib is not None:
+        path = Path(cfg.calib)
+        if not path.exists():
+            raise InputError(f"calibration data {path} does not exist")
+        feeds = load_feeds(path, ctx.original, cfg.calib_batch)
+    else:
+        warnings.warn("no --calib data: calibrating on generated inputs; real data gives much better results",
+                      stacklevel=2)
+        log.warning("no --calib data: calibrating on generated inputs; real data gives much better results")
+        n = max(1, min(cfg.calib_samples, 32) // cfg.calib_batch)
+        feeds = generated_inputs(ctx.original, dict(_batched(cfg.input_shapes, cfg.calib_batch)), n, cfg.seed + 1)
+    out, total = [], 0
+    for f in feeds:
+        if total >= cfg.calib_samples:
+            break
+        take = cfg.calib_samples - total
+        f = {k: v[:take] for k, v in f.items()}
+        total += len(next(iter(f.values())))
+        out.append(f)
+    return out
+
+
+def _batched(shapes, batch):
+    return [(name, (batch,) + tuple(s[1:])) for name, s in shapes]
+
+
+class CalibratePass(Pass):
+    """Fills ``ctx.calibration[weight] = {"H", "rows", "absmax"}`` for MatMul, Gemm and Conv weights."""
+
+    name = "calibrate"
+
+    def run(self, ctx: Context) -> str:
+        from ..runtime import session
+
+        targets: dict[str, list[tuple[onnx.NodeProto, WeightRecord]]] = defaultdict(list)
+        nodes = {node_key(n): n for n in ctx.model.graph.node}
+        for rec in ctx.candidates():
+            if rec.view not in ("matmul", "gemm", "conv"):
+                continue
+            for nk in rec.nodes:
+                node = nodes[nk]
+                targets[node.input[0]].append((node, rec))
+        if not targets:
+            return "nothing to calibrate"
+        model = copy.deepcopy(ctx.model)
+        existing = {o.name for o in model.graph.output}
+        for name in targets:
+            if name not in existing:
+                rec_dtype = targets[name][0][1].dtype
+                t = onnx.TensorProto.FLOAT16 if rec_dtype == "float16" else onnx.TensorProto.FLOAT
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, t, None))
+        sess = session(model)
+        names = list(targets)
+        accs: dict[str, HessianAccumulator] = {}
+        feeds = calibration_feeds(ctx)
+        samples = 0
+        for feed in tqdm(feeds, desc="calibrating", unit="batch", disable=not ctx.config.progress, leave=False):
+            outs = sess.run(names, feed)
+            samples += len(next(iter(feed.values())))
+            for name, value in zip(names, outs):
+                x = torch.from_numpy(np.asarray(value, dtype=np.float32))
+                for node, rec in targets[name]:
+                    rows = self._rows(x, node, rec)
+                    if rows is None:
+                        continue
+                    accs.setdefault(rec.name, HessianAccumulator(rec.matrix_shape[0])).add(rows)
+        for wname, acc in accs.items():
+            ctx.calibration[wname] = acc.result()
+        ctx.calib_info = {"samples": samples, "batches": len(feeds),
+                                       "source": str(ctx.config.calib) if ctx.config.calib else "generated"}
+        return f"{len(accs)} layers calibrated on {samples} samples"
+
+    @staticmethod
+    def _rows(x: torch.Tensor, node: onnx.NodeProto, rec: WeightRecord) -> torch.Tensor | None:
+        K = rec.matrix_shape[0]
+        if rec.view == "conv":
+            return _conv_rows(x, node_attrs(node), list(rec.shape[2:]))
+        if rec.view == "gemm" and node_attrs(node).get("transA", 0):
+            x = x.T
+        if x.shape[-1] != K:
+            return None
+        return x.reshape(-1, K)
