@@ -13,7 +13,7 @@ from .config import OptimizeConfig
 from .errors import ConfigError, ValidationFailed
 from .passes.base import Context, WeightRecord
 from .passes.canonicalize import FindWeightsPass
-from .passes.factorize import FactorizeWeightsPass, PlanPass
+from .passes.factorize import FactorizeWeightsPass, GlobalPlanPass, PlanPass
 from .passes.load import LiftConstantsPass, LoadPass, load_model
 from .passes.lower_qdq import LowerQdqPass, required_opset
 from .passes.save import PrepareOpsetPass, check_output_path, save_model
@@ -76,7 +76,8 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     if cfg.calib is not None or cfg.method in ("gptq", "caldera", "qsd", "auto"):
         from .passes.calibrate import CalibratePass
         CalibratePass()(ctx)
-    for p in (PlanPass(), FactorizeWeightsPass()):
+    planner = GlobalPlanPass() if (cfg.method == "auto" or cfg.bits_per_weight is not None) else PlanPass()
+    for p in (planner, FactorizeWeightsPass()):
         p(ctx)
     PrepareOpsetPass(required_opset(ctx))(ctx)
     _lowering(cfg)(ctx)

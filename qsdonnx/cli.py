@@ -40,7 +40,8 @@ def cli(verbose: int) -> None:
               help="Code width for quantized parts.")
 @click.option("--block-size", type=int, default=32, show_default=True,
               help="Values sharing one scale (along the reduction axis).")
-@click.option("--asymmetric", is_flag=True, help="Unsigned codes with a zero point per block.")
+@click.option("--symmetric/--asymmetric", default=False, show_default=True,
+              help="Signed codes with no zero point, or unsigned codes with a zero point per block.")
 @click.option("--scale-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--rank", type=int, default=None, help="Rank of the low-rank factors (svd, lplr, caldera, qsd).")
 @click.option("--bits-per-weight", type=float, default=None,
@@ -74,14 +75,14 @@ def cli(verbose: int) -> None:
               help="Write the full report as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="Print only the totals.")
-def optimize(model, output, method, bits, block_size, asymmetric, scale_dtype, rank, bits_per_weight, fmt,
+def optimize(model, output, method, bits, block_size, symmetric, scale_dtype, rank, bits_per_weight, fmt,
              exclude, overrides, min_elements, no_embeddings, calib, calib_batch, calib_samples, inputs,
              input_shapes, num_inputs, max_rel_error, keep_on_fail, no_validate, accuracy_level, report_path,
              seed, quiet) -> None:
     """Compress MODEL and write the result to --output."""
     try:
         cfg = OptimizeConfig(
-            method=method, bits=int(bits), block_size=block_size, symmetric=not asymmetric,
+            method=method, bits=int(bits), block_size=block_size, symmetric=symmetric,
             scale_dtype=scale_dtype, rank=rank, bits_per_weight=bits_per_weight, format=fmt,
             exclude=tuple(exclude), overrides=tuple(parse_override(o) for o in overrides),
             min_elements=min_elements, compress_embeddings=not no_embeddings, calib=calib,

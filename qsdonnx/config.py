@@ -51,7 +51,7 @@ class OptimizeConfig:
     method: str = "rtn"
     bits: int = 4
     block_size: int = 32
-    symmetric: bool = True
+    symmetric: bool = False  # asymmetric (zero point per block) is the better use of bits at 4 bits and below
     scale_dtype: str = "float16"
     rank: Optional[int] = None
     bits_per_weight: Optional[float] = None

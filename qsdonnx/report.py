@@ -56,7 +56,7 @@ class Report:
         cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ctx.config).items()}
         return cls(layers=layers, totals=totals, validation=ctx.validation, config=cfg,
                    timings={k: round(v, 3) for k, v in ctx.timings.items()},
-                   plan=getattr(ctx, "plan_summary", {}) or {})
+                   plan=ctx.plan_summary)
 
     def to_dict(self) -> dict:
         return _clean({"layers": self.layers, "totals": self.totals, "validation": self.validation,

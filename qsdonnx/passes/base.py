@@ -77,6 +77,7 @@ class Context:
     validation: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    plan_summary: dict = field(default_factory=dict)  # budget, spend and choices of the planner
     lifted: set = field(default_factory=set)  # weights that were Constant nodes
     external: set = field(default_factory=set)  # weights that were in external data
 

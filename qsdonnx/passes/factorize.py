@@ -16,6 +16,7 @@ from ..factorize.svd import svd_factorize
 from ..factorize.types import Factorization
 from ..config import DATA_AWARE_METHODS, LOWRANK_METHODS, OptimizeConfig
 from ..errors import ConfigError
+from ..graph import container_bits
 from .base import Context, Pass, WeightRecord
 
 log = logging.getLogger("qsdonnx")
@@ -47,7 +48,7 @@ class LayerChoice:
         return lowrank_nbytes(K, N, self.rank, c, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
 
     def container(self) -> int:
-        return 2 if self.bits <= 2 else 4 if self.bits <= 4 else 8
+        return container_bits(self.bits)
 
     def label(self) -> str:
         s = f"{self.method} {self.bits}b/{self.block_size}" if self.method != "svd" else "svd"
@@ -163,15 +164,129 @@ class FactorizeWeightsPass(Pass):
         for rec in bar:
             W = ctx.weights[rec.name]
             H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
-            choice = LayerChoice(rec.method, rec.bits, rec.block_size, rec.rank)
-            dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
-            f = run_choice(W, choice, cfg, H, dense)
+            f = ctx.factorizations.get(rec.name)
+            if f is None:  # not already chosen (and computed) by the global planner
+                choice = LayerChoice(rec.method, rec.bits, rec.block_size, rec.rank)
+                dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
+                f = run_choice(W, choice, cfg, H, dense)
             What = f.dense()
             denom = float(np.linalg.norm(W)) or 1.0
             rec.rel_error = float(np.linalg.norm(W - What)) / denom
             if H is not None:
-                rec.extra["weighted_rel_error"] = weighted_error(W, What, H) / max(weighted_error(W, np.zeros_like(W), H), 1e-30)
+                rec.extra["output_rel_error"] = float(np.sqrt(relative_error(W, What, H)))
             rec.extra["factor_bytes"] = f.nbytes()
             rec.status = "compressed"
             ctx.factorizations[rec.name] = f
         return f"{len(todo)} weights factorized"
+
+
+# --- the global planner -----------------------------------------------------------------------
+
+PLAN_BITS = (2, 4, 8)  # 3-bit codes cost as much as 4-bit ones in every container
+PLAN_BLOCKS = (32, 64, 128)
+PLAN_RANK_BPW = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # low-rank candidates: ranks spending these bpw
+CALDERA_RANKS = (16, 64)
+
+
+def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> list[LayerChoice]:
+    """Every setting the planner may pick for one weight (method × bits × block × rank)."""
+    K, N = rec.matrix_shape
+    ov = cfg.override_for(rec.name)
+    method = ov.method if ov and ov.method else cfg.method
+    if ov and (ov.bits or ov.rank):
+        choice, _ = uniform_choice(rec, cfg)
+        return [choice] if choice else []
+    blocks = sorted({effective_block(b, K) for b in PLAN_BLOCKS + (cfg.block_size,)})
+    if rec.view == "embedding":
+        blocks = [b for b in blocks if K % b == 0] or [K]
+    quant = "gptq" if has_h else "rtn"
+    if rec.view in QUANT_ONLY_VIEWS or method in ("rtn", "gptq"):
+        m = method if method in ("rtn", "gptq") and has_h else "rtn"
+        if method == "auto" and rec.view not in QUANT_ONLY_VIEWS:
+            m = quant
+        return [LayerChoice(m, b, blk) for b in PLAN_BITS for blk in blocks]
+    out: list[LayerChoice] = []
+    if method == "auto":
+        out += [LayerChoice(quant, b, blk) for b in PLAN_BITS for blk in blocks]
+        if has_h:
+            out += [LayerChoice("caldera", 2, effective_block(cfg.block_size, K), r)
+                    for r in CALDERA_RANKS if r < min(K, N) // 4]
+        return out
+    bits = ov.bits if ov and ov.bits else cfg.bits
+    blk = effective_block(cfg.block_size, K)
+    ranks = set()
+    ladder = PLAN_RANK_BPW + ((cfg.bits_per_weight,) if cfg.bits_per_weight else ())
+    for bpw in ladder:
+        r = rank_for_budget(K, N, bpw, lambda r: LayerChoice(method, bits, blk, r).nbytes(K, N, cfg, rec.dtype))
+        if r >= 1:
+            ranks.add(r)
+    return [LayerChoice(method, bits, blk, r) for r in sorted(ranks)]
+
+
+def relative_error(W: np.ndarray, What: np.ndarray, H: Optional[np.ndarray]) -> float:
+    """``tr(ΔᵀHΔ) / tr(WᵀHW)``: the layer's relative output error² (Frobenius when no H)."""
+    return weighted_error(W, What, H) / max(weighted_error(W, np.zeros_like(W), H), 1e-30)
+
+
+class GlobalPlanPass(Pass):
+    """``--bits-per-weight`` as one budget over all weights: factorize every candidate setting,
+    predict its output error from ``H``, and pick one per layer minimizing the total predicted
+    error within the budget (Lagrangian allocation, ``qsdonnx.factorize.planner``)."""
+
+    name = "plan"
+
+    def run(self, ctx: Context) -> str:
+        from ..factorize.planner import Candidate, plan_allocation
+
+        cfg = ctx.config
+        recs = ctx.candidates()
+        options: list[list] = []
+        kept: list[WeightRecord] = []
+        bar = tqdm(recs, desc="planning", unit="weight", disable=not cfg.progress, leave=False)
+        for rec in bar:
+            W = ctx.weights[rec.name]
+            H = ctx.calibration.get(rec.name, {}).get("H")
+            K, N = rec.matrix_shape
+            cands = []
+            for choice in candidate_choices(rec, cfg, H is not None):
+                nbytes = choice.nbytes(K, N, cfg, rec.dtype)
+                if nbytes >= rec.bytes_before:
+                    continue
+                f = run_choice(W, choice, cfg, H, rec.dtype)
+                cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, f.dense(), H),
+                                       payload=(choice, f)))
+            if not cands:
+                rec.skip("no compressed setting is smaller than the original")
+                continue
+            options.append(cands)
+            kept.append(rec)
+        numel = sum(r.numel for r in kept)
+        if cfg.bits_per_weight is not None:
+            budget = cfg.bits_per_weight * numel / 8.0
+        else:
+            budget = sum(LayerChoice("rtn", cfg.bits, effective_block(cfg.block_size, r.matrix_shape[0]))
+                         .nbytes(*r.matrix_shape, cfg) for r in kept)
+        cheapest = sum(min(c.nbytes for c in cands) for cands in options)
+        if cheapest > budget:
+            raise ConfigError(f"--bits-per-weight {cfg.bits_per_weight} is below the cheapest plan "
+                              f"({8.0 * cheapest / numel:.3f} bits per weight)")
+        picks = plan_allocation(options, budget)
+        spent = 0
+        choices = {}
+        for rec, cands, i in zip(kept, options, picks):
+            c = cands[i]
+            choice, f = c.payload
+            rec.method, rec.bits, rec.block_size, rec.rank = choice.method, choice.bits, choice.block_size, choice.rank
+            rec.predicted_error = c.predicted_error
+            rec.extra["candidates"] = len(cands)
+            ctx.factorizations[rec.name] = f
+            spent += c.nbytes
+            choices[rec.name] = choice.label()
+        ctx.plan_summary = {"budget_bytes": budget, "spent_bytes": spent,
+                            "budget_bpw": 8.0 * budget / numel if numel else None,
+                            "spent_bpw": 8.0 * spent / numel if numel else None,
+                            "predicted_total_error": float(sum(options[k][i].predicted_error
+                                                               for k, i in enumerate(picks))),
+                            "choices": choices}
+        return (f"{len(kept)} weights planned: {8.0 * spent / max(numel, 1):.3f} of "
+                f"{8.0 * budget / max(numel, 1):.3f} bits per weight")

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from ..factorize.packing import to_matmulnbits
 from ..factorize.types import QuantizedMatrix
-from ..graph import float_tensor
+from ..graph import container_bits, float_tensor
 from .lower_qdq import LowerQdqPass, QdqEmitter
 
 MS_DOMAIN = "com.microsoft"
@@ -39,7 +39,7 @@ class NbitsEmitter(QdqEmitter):
             self.rec.extra.setdefault("fallback", []).append(f"{part}: {why} (DequantizeLinear)")
             return super().matmul(x, part, m, tag)
         B, scales, zp = to_matmulnbits(m)
-        cbits = 2 if m.bits <= 2 else 4 if m.bits <= 4 else 8
+        cbits = container_bits(m.bits)
         K, N = m.shape
         b_name = self.edit.add_initializer(numpy_helper.from_array(B, f"{self.base}.{part}_nbits"))
         s_name = self.edit.add_initializer(float_tensor(f"{self.base}.{part}_scale",
