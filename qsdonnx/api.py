@@ -10,7 +10,7 @@ from typing import Optional, Union
 import onnx
 
 from .config import OptimizeConfig
-from .errors import ConfigError, ValidationFailed
+from .errors import ConfigError, OutputError, ValidationFailed
 from .passes.base import Context, WeightRecord
 from .passes.canonicalize import FindWeightsPass
 from .passes.factorize import FactorizeWeightsPass, GlobalPlanPass, PlanPass
@@ -54,6 +54,16 @@ def _lowering(cfg: OptimizeConfig):
     return LowerFusedPass()
 
 
+def _should_spend_more(ctx: Context, planner) -> bool:
+    """With ``--max-rel-error`` and a global plan, more bits are spent until the error is met."""
+    cfg = ctx.config
+    if cfg.max_rel_error is None or not ctx.validation or not isinstance(planner, GlobalPlanPass):
+        return False
+    if ctx.validation["max_rel_l2"] <= cfg.max_rel_error:
+        return False
+    return ctx.plan_summary["budget_bytes"] < planner.max_budget()
+
+
 def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
              config: Optional[OptimizeConfig] = None, **options) -> OptimizeResult:
     """Compresses every eligible weight of ``model`` and (when ``output`` is given) writes the result.
@@ -70,6 +80,8 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     in_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if output is not None:
         check_output_path(Path(output), in_path)
+    if cfg.report is not None:
+        check_output_path(Path(cfg.report), in_path, what="report")
     ctx = _context(model, cfg)
     for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass()):
         p(ctx)
@@ -79,16 +91,30 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     planner = GlobalPlanPass() if (cfg.method == "auto" or cfg.bits_per_weight is not None) else PlanPass()
     for p in (planner, FactorizeWeightsPass()):
         p(ctx)
-    PrepareOpsetPass(required_opset(ctx))(ctx)
-    _lowering(cfg)(ctx)
-    if cfg.validate:
-        ValidatePass()(ctx)
+    before_lowering = copy.deepcopy(ctx.model)
+    while True:
+        PrepareOpsetPass(required_opset(ctx))(ctx)
+        _lowering(cfg)(ctx)
+        if cfg.validate:
+            ValidatePass()(ctx)
+        if not _should_spend_more(ctx, planner):
+            break
+        # Spend more: half a bit per weight more, re-chosen from the candidates already computed.
+        budget = ctx.plan_summary["budget_bytes"] + 0.5 * planner.numel / 8.0
+        log.info("relative error %.3e above --max-rel-error %g: raising the budget to %.3f bits per weight",
+                 ctx.validation["max_rel_l2"], cfg.max_rel_error, 8.0 * budget / planner.numel)
+        ctx.model = copy.deepcopy(before_lowering)
+        ctx.factorizations.clear()
+        planner.choose(ctx, min(budget, planner.max_budget()))
+        FactorizeWeightsPass()(ctx)
     passed = True
     if cfg.max_rel_error is not None and ctx.validation:
         reached = ctx.validation["max_rel_l2"]
         if reached > cfg.max_rel_error:
             passed = False
-            msg = (f"relative output error {reached:.3e} exceeds --max-rel-error {cfg.max_rel_error:g}")
+            spent = ctx.plan_summary.get("spent_bpw")
+            msg = (f"relative output error {reached:.3e} exceeds --max-rel-error {cfg.max_rel_error:g}"
+                   + (f" (reached at {spent:.3f} bits per weight)" if spent else ""))
             if not cfg.keep_on_fail:
                 raise ValidationFailed(msg + "; nothing written (use --keep-on-fail to keep the model)")
             log.warning(msg)
@@ -100,7 +126,10 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         ctx.timings["save"] = time.perf_counter() - t
     report = Report.from_context(ctx, size)
     if cfg.report is not None:
-        report.write_json(cfg.report)
+        try:
+            report.write_json(cfg.report)
+        except OSError as exc:
+            raise OutputError(f"cannot write report {cfg.report}: {exc.strerror or exc}") from None
     return OptimizeResult(model=ctx.model, report=report, output=Path(output) if output else None, passed=passed)
 
 

@@ -48,7 +48,7 @@ class LayerOverride:
 class OptimizeConfig:
     """Everything ``optimize`` needs; every CLI flag maps onto one field."""
 
-    method: str = "rtn"
+    method: str = "auto"
     bits: int = 4
     block_size: int = 32
     symmetric: bool = False  # asymmetric (zero point per block) is the better use of bits at 4 bits and below

@@ -90,7 +90,81 @@ class DenseMatrix:
         return self.values.size * np.dtype(self.dtype).itemsize
 
 
-Factor = Union[QuantizedMatrix, DenseMatrix]
+def index_dtype_for(length: int) -> str:
+    """Narrowest unsigned integer type that indexes ``length`` positions."""
+    if length <= 2**8:
+        return "uint8"
+    if length <= 2**16:
+        return "uint16"
+    return "int32" if length <= 2**31 else "int64"
+
+
+@dataclass
+class SparseQuantizedMatrix:
+    """A ``(rows, cols)`` factor with the same number ``k`` of stored entries in every column.
+
+    ``indices[j, n]`` is the row of the ``j``-th stored entry of column ``n`` (ascending in ``j``).
+    Stored entries are quantized like a :class:`QuantizedMatrix` of shape ``(k, cols)``: blocks of
+    ``block_size`` consecutive *stored* entries of a column share a scale (``scales`` has shape
+    ``(ceil(k / block_size), cols)``), symmetric signed codes or unsigned codes with a zero point.
+    With ``bits = None`` the stored entries are plain floats kept at ``value_dtype``
+    (``codes`` then holds those floats and there are no scales).
+
+    Bytes: codes packed at ``bits`` per column (or ``k * cols`` floats), row indices at
+    ``index_dtype``, scales at ``scale_dtype`` and packed zero points.
+    """
+
+    shape: tuple[int, int]
+    indices: np.ndarray  # (k, cols), ascending row index per column
+    codes: np.ndarray  # (k, cols) codes, or float values when bits is None
+    scales: Optional[np.ndarray]  # (ceil(k / block_size), cols) or None when bits is None
+    zero_points: Optional[np.ndarray]
+    bits: Optional[int]
+    block_size: int
+    scale_dtype: str = "float16"
+    value_dtype: str = "float16"
+    index_dtype: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.index_dtype:
+            self.index_dtype = index_dtype_for(self.shape[0])
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.size)
+
+    def values(self) -> np.ndarray:
+        """The stored entries ``(k, cols)`` as float32: ``(codes - zero_point) * scale``."""
+        if self.bits is None:
+            return self.codes.astype(self.value_dtype).astype(np.float32)
+        q = QuantizedMatrix(codes=self.codes, scales=self.scales, zero_points=self.zero_points,
+                            bits=self.bits, block_size=self.block_size,
+                            scale_dtype=self.scale_dtype)
+        return q.dequantize()
+
+    def dequantize(self) -> np.ndarray:
+        out = np.zeros(self.shape, np.float32)
+        cols = np.broadcast_to(np.arange(self.shape[1]), self.indices.shape)
+        out[self.indices.astype(np.int64), cols] = self.values()
+        return out
+
+    def nbytes(self) -> int:
+        k, cols = self.indices.shape
+        n = self.nnz * np.dtype(self.index_dtype).itemsize
+        if self.bits is None:
+            return n + self.nnz * np.dtype(self.value_dtype).itemsize
+        n += cols * packed_nbytes(k, self.bits)
+        n += self.scales.size * np.dtype(self.scale_dtype).itemsize
+        if self.zero_points is not None:
+            n += cols * packed_nbytes(self.zero_points.shape[0], self.bits)
+        return n
+
+
+Factor = Union[QuantizedMatrix, DenseMatrix, SparseQuantizedMatrix]
 
 
 @dataclass

@@ -96,7 +96,7 @@ class FindWeightsPass(Pass):
             if len(node.input) <= widx:
                 continue
             wname = node.input[widx]
-            if wname not in inits or wname in graph_inputs:
+            if wname not in inits:
                 continue
             tensor = inits[wname]
             attrs = node_attrs(node)
@@ -109,6 +109,10 @@ class FindWeightsPass(Pass):
                 continue
             location = "constant-node" if wname in ctx.lifted else (
                 "external-data" if wname in ctx.external else "initializer")
+            if wname in graph_inputs:
+                # Old exporters (IR < 4) list every initializer as an input too; the weight is
+                # treated as the constant it is, and the rewritten model no longer lists it.
+                location += " (also listed as a graph input)"
             dims = tuple(int(d) for d in tensor.dims)
             rec = WeightRecord(name=wname, op=op, nodes=[node_name], shape=dims,
                                dtype=FLOAT_TYPES.get(tensor.data_type, onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name),
@@ -138,7 +142,8 @@ class FindWeightsPass(Pass):
                 view, matrix = matrix_view(rec.op, weight, node_attrs(node))
                 rec.view = view
                 rec.matrix_shape = tuple(int(s) for s in matrix.shape)
-                ctx.weights[wname] = np.ascontiguousarray(matrix, dtype=np.float32)
+                # A writable copy: numpy_helper's arrays are read-only views of the protobuf bytes.
+                ctx.weights[wname] = np.array(matrix, dtype=np.float32, order="C", copy=True)
                 if rec.numel < cfg.min_elements:
                     rec.skip(f"too small ({rec.numel} elements < {cfg.min_elements})")
                 elif cfg.is_excluded(wname):

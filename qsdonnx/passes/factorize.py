@@ -60,6 +60,15 @@ def effective_block(block: int, K: int) -> int:
     return max(1, min(block, K))
 
 
+def embedding_block(block: int, D: int) -> int:
+    """Embedding rows are unpacked in whole blocks, so the block must divide the row width D:
+    the largest halving of ``block`` that does, or one block per row."""
+    b = min(block, D)
+    while b >= 8 and D % b:
+        b //= 2
+    return b if b >= 8 and D % b == 0 else D
+
+
 def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[LayerChoice], str]:
     """The choice for one weight from the flags and overrides; ``(None, reason)`` to skip."""
     K, N = rec.matrix_shape
@@ -67,6 +76,8 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
     method = (ov.method if ov and ov.method else cfg.method)
     bits = (ov.bits if ov and ov.bits else cfg.bits)
     block = effective_block(ov.block_size if ov and ov.block_size else cfg.block_size, K)
+    if rec.view == "embedding":
+        block = embedding_block(block, K)
     rank = ov.rank if ov and ov.rank else cfg.rank
     note = ""
     if method == "auto":
@@ -236,7 +247,7 @@ class GlobalPlanPass(Pass):
     name = "plan"
 
     def run(self, ctx: Context) -> str:
-        from ..factorize.planner import Candidate, plan_allocation
+        from ..factorize.planner import Candidate
 
         cfg = ctx.config
         recs = ctx.candidates()
@@ -260,33 +271,46 @@ class GlobalPlanPass(Pass):
                 continue
             options.append(cands)
             kept.append(rec)
-        numel = sum(r.numel for r in kept)
+        self.kept, self.options = kept, options
+        self.numel = sum(r.numel for r in kept)
         if cfg.bits_per_weight is not None:
-            budget = cfg.bits_per_weight * numel / 8.0
+            budget = cfg.bits_per_weight * self.numel / 8.0
         else:
             budget = sum(LayerChoice("rtn", cfg.bits, effective_block(cfg.block_size, r.matrix_shape[0]))
                          .nbytes(*r.matrix_shape, cfg) for r in kept)
         cheapest = sum(min(c.nbytes for c in cands) for cands in options)
         if cheapest > budget:
             raise ConfigError(f"--bits-per-weight {cfg.bits_per_weight} is below the cheapest plan "
-                              f"({8.0 * cheapest / numel:.3f} bits per weight)")
-        picks = plan_allocation(options, budget)
+                              f"({8.0 * cheapest / self.numel:.3f} bits per weight)")
+        self.choose(ctx, budget)
+        numel, spent = self.numel, ctx.plan_summary["spent_bytes"]
+        return (f"{len(kept)} weights planned: {8.0 * spent / max(numel, 1):.3f} of "
+                f"{8.0 * budget / max(numel, 1):.3f} bits per weight")
+
+    def max_budget(self) -> float:
+        return float(sum(max(c.nbytes for c in cands) for cands in self.options))
+
+    def choose(self, ctx: Context, budget: float) -> None:
+        """Picks one candidate per layer within ``budget`` bytes (candidates already computed)."""
+        from ..factorize.planner import plan_allocation
+
+        picks = plan_allocation(self.options, budget)
         spent = 0
         choices = {}
-        for rec, cands, i in zip(kept, options, picks):
+        for rec, cands, i in zip(self.kept, self.options, picks):
             c = cands[i]
             choice, f = c.payload
             rec.method, rec.bits, rec.block_size, rec.rank = choice.method, choice.bits, choice.block_size, choice.rank
             rec.predicted_error = c.predicted_error
+            rec.status = "candidate"
             rec.extra["candidates"] = len(cands)
             ctx.factorizations[rec.name] = f
             spent += c.nbytes
             choices[rec.name] = choice.label()
+        numel = self.numel
         ctx.plan_summary = {"budget_bytes": budget, "spent_bytes": spent,
                             "budget_bpw": 8.0 * budget / numel if numel else None,
                             "spent_bpw": 8.0 * spent / numel if numel else None,
-                            "predicted_total_error": float(sum(options[k][i].predicted_error
+                            "predicted_total_error": float(sum(self.options[k][i].predicted_error
                                                                for k, i in enumerate(picks))),
                             "choices": choices}
-        return (f"{len(kept)} weights planned: {8.0 * spent / max(numel, 1):.3f} of "
-                f"{8.0 * budget / max(numel, 1):.3f} bits per weight")

@@ -99,6 +99,7 @@ class LowerFusedPass(LowerQdqPass):
                 bias_term = node.input[2]
                 if beta != 1.0:
                     b = em.const("beta", np.array(beta, np.float32), "float32")
+                    em.other_bytes += 4
                     mul = edit.node("Mul", [bias_term, b], f"{tag}.qsd.beta")
                     nodes.append(mul)
                     bias_term = mul.output[0]

@@ -164,6 +164,7 @@ def lower_matmul_like(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto) -> 
                 em.other_bytes += c.nbytes
             else:
                 b = em.const("beta", np.array(beta), em.dtype)
+                em.other_bytes += np.dtype(em.dtype).itemsize  # scales C, not part of the weight
                 mul = edit.node("Mul", [bias, b], f"{tag}.qsd.beta")
                 nodes.append(mul)
                 bias = mul.output[0]
@@ -300,15 +301,6 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
     out_shape = n("Concat", [shape_ids, dshape], "out_shape", axis=0)
     nodes.append(edit.node("Reshape", [scaled, out_shape], f"{tag}.qsd.rows", outputs=[node.output[0]]))
     return nodes
-
-
-def gather_supported(rec: WeightRecord, f: Factorization) -> str:
-    """Empty string when the Gather lowering can take ``f``, else the reason it cannot."""
-    if f.q is None or f.left is not None or f.sparse is not None:
-        return "embedding tables take plain quantization only"
-    if f.q.shape[0] % f.q.block_size:
-        return f"embedding width {f.q.shape[0]} is not a multiple of the block size {f.q.block_size}"
-    return ""
 
 
 class LowerQdqPass(Pass):

@@ -41,22 +41,23 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConversionError(f"cannot upgrade the model from opset {current} to {target} "
                                   f"(needed for block-wise DequantizeLinear): {msg}") from None
-    model.ir_version = max(ir, min_ir_for_opset(max(current, target)))
+    # Newer writers stamp an IR version ORT cannot read even when nothing in the model needs it.
+    model.ir_version = min(max(ir, min_ir_for_opset(max(current, target))), MAX_ORT_IR)
     return model
 
 
-def check_output_path(output: Path, input_path: Path | None) -> None:
-    """Fails early, before any work, when the output cannot be written."""
+def check_output_path(output: Path, input_path: Path | None, what: str = "output") -> None:
+    """Fails early, before any work, when the output (or report) cannot be written."""
     output = Path(output)
     if input_path is not None and output.resolve() == Path(input_path).resolve():
-        raise OutputError(f"output path {output} is the input model; choose another path")
+        raise OutputError(f"{what} path {output} is the input model; choose another path")
     parent = output.resolve().parent
     if not parent.is_dir():
-        raise OutputError(f"output directory {parent} does not exist")
+        raise OutputError(f"cannot write {what} {output}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"output directory {parent} is not writable")
+        raise OutputError(f"cannot write {what} {output}: directory {parent} is not writable")
     if output.exists() and output.is_dir():
-        raise OutputError(f"output path {output} is a directory")
+        raise OutputError(f"{what} path {output} is a directory")
 
 
 def save_model(model: onnx.ModelProto, output: Path, check: bool = True) -> int:

@@ -1,6 +1,7 @@
 """End-to-end check: the original and the compressed model run in ONNX Runtime on the same inputs."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -55,6 +56,11 @@ def generated_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     ones for other integers; dynamic dims from ``shapes`` or 1 (first axis) / 32 (others)."""
     rng = np.random.default_rng(seed)
     gather_rows = _gather_rows(model)
+    known = {vi.name for vi in graph_inputs(model)}
+    unknown = sorted(set(shapes) - known)
+    if unknown:
+        raise InputError(f"--input-shape names {', '.join(unknown)}, which the model does not have as inputs "
+                         f"(inputs: {', '.join(sorted(known))})")
     feeds = []
     for _ in range(count):
         feed = {}
@@ -126,7 +132,13 @@ def run_all(sess: ort.InferenceSession, feeds: Sequence[dict]) -> dict[str, np.n
     names = [o.name for o in sess.get_outputs()]
     outs: dict[str, list] = {n: [] for n in names}
     for feed in feeds:
-        for n, v in zip(names, sess.run(names, feed)):
+        try:
+            values = sess.run(names, feed)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad feeds
+            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"the model cannot run on the validation inputs ({shapes}): {msg}") from None
+        for n, v in zip(names, values):
             outs[n].append(np.asarray(v).ravel())
     return {n: np.concatenate(v) if v else np.zeros(0) for n, v in outs.items()}
 
@@ -136,8 +148,17 @@ def compare_models(original: Union[str, bytes, onnx.ModelProto], compressed: Uni
     """Runs both models; per output, the metrics of the compressed model at ORT_DISABLE_ALL and at
     the default optimization level against the original, and between the two levels."""
     from ..runtime import session
+    from .save import MAX_ORT_IR
 
-    ref = run_all(session(original, providers=providers), feeds)
+    if isinstance(original, onnx.ModelProto) and original.ir_version > MAX_ORT_IR:
+        original = copy.deepcopy(original)
+        original.ir_version = MAX_ORT_IR
+    try:
+        ref_sess = session(original, providers=providers)
+    except Exception as exc:  # onnxruntime's own exception types
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"ONNX Runtime cannot run the input model: {msg}") from None
+    ref = run_all(ref_sess, feeds)
     levels = {
         "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -172,7 +193,11 @@ class ValidatePass(Pass):
     name = "validate"
 
     def run(self, ctx: Context) -> str:
+        from .save import MAX_ORT_IR
+
         original = str(ctx.input_path) if ctx.input_path is not None else ctx.original
+        if ctx.original.ir_version > MAX_ORT_IR:
+            original = ctx.original  # compare_models lowers the stamp to one ORT reads
         feeds = validation_feeds(ctx, ctx.original)
         ctx.validation = compare_models(original, ctx.model, feeds, accuracy_level=ctx.config.accuracy_level)
         if ctx.validation["level_disagreement"] > 1e-3:

@@ -1,0 +1,143 @@
+"""GPTQ / LDLQ error-feedback quantization (Frantar et al., arXiv 2210.17323).
+
+Our weight is ``W (K, N)`` used as ``X @ W`` with ``H = XᵀX (K × K)``: the rows of ``W`` are
+the input dimensions, quantized one after another; the N output columns are independent
+problems sharing ``H``.  The objective is ``tr((W - Ŵ)ᵀ H (W - Ŵ))``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .linalg import cholesky_lower, device, to_torch
+from .quantizers import check_bits, code_range, scales_from_range
+from .types import Factorization, QuantizedMatrix, num_blocks
+
+_CHUNK_ROWS = 128
+
+
+def upper_inverse_cholesky(H: np.ndarray, damp: float) -> torch.Tensor:
+    """Upper ``U`` with ``Uᵀ U = (H + λI)⁻¹``, ``λ = damp * mean(diag H)`` (float64).
+
+    With ``J`` the order-reversing permutation and ``J (H + λI) J = D Dᵀ`` (lower Cholesky),
+    ``V = J D J`` is upper triangular with ``V Vᵀ = H + λI``, hence ``U = V⁻¹``: one Cholesky
+    and one triangular solve, no explicit inverse of H.
+    """
+    K = H.shape[0]
+    Ht = to_torch(H, device(), torch.float64)
+    rev = torch.arange(K - 1, -1, -1, device=Ht.device)
+    D = cholesky_lower(Ht[rev][:, rev], damp)
+    V = D[rev][:, rev]
+    eye = torch.eye(K, dtype=torch.float64, device=V.device)
+    return torch.linalg.solve_triangular(V, eye, upper=True)
+
+
+def gptq_quantize(W: np.ndarray, H: np.ndarray, bits: int, block_size: int,
+                  symmetric: bool = True, scale_dtype: str = "float16", damp: float = 0.01,
+                  act_order: bool = False) -> QuantizedMatrix:
+    """Quantize rows ``k = 0..K-1`` in turn with error feedback to the rows not yet quantized.
+
+    With ``U`` the upper Cholesky factor of ``(H + λI)⁻¹`` (``λ = damp * mean(diag H)``), row
+    ``k`` is rounded to ``q_k = Q(w_k)`` and the remaining rows absorb its error:
+    ``w_j ← w_j - U[k, j] · (w_k - q_k) / U[k, k]`` for ``j > k`` (the OBS update), applied
+    lazily: inside a chunk of 128 rows each row gathers the updates of the earlier rows when it
+    is reached, and the rows after the chunk receive the whole chunk's updates at once.
+
+    The grid of a block (``block_size`` rows) is the min/max grid of its *current*, already
+    error-updated rows at the moment its first row is reached.  With ``act_order`` rows are
+    visited by decreasing ``diag(H)``; since a block's rows are then no longer visited together,
+    its grid is fixed up front from the original weights (static groups).
+    """
+    check_bits(bits)
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    K = W.shape[0]
+    if H.shape != (K, K):
+        raise ValueError(f"H must be ({K}, {K}), got {H.shape}")
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(K)
+    U = upper_inverse_cholesky(np.asarray(H, np.float64)[np.ix_(perm, perm)], damp)
+    return gptq_quantize_prepared(W, U, bits, block_size, symmetric, scale_dtype,
+                                  perm if act_order else None)
+
+
+def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size: int,
+                           symmetric: bool = True, scale_dtype: str = "float16",
+                           perm: Optional[np.ndarray] = None) -> QuantizedMatrix:
+    """:func:`gptq_quantize` with ``U`` (from :func:`upper_inverse_cholesky` of the permuted H)
+    given, so repeated calls with the same ``H`` factor it once; ``perm`` is the visiting order
+    (None: natural order with dynamic block grids)."""
+    check_bits(bits)
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    K, N = W.shape
+    qmin, qmax = code_range(bits, symmetric)
+    kb = num_blocks(K, block_size)
+    scales = np.zeros((kb, N), np.float32)
+    zeros = None if symmetric else np.zeros((kb, N), np.uint8)
+    static = perm is not None
+    if perm is None:
+        perm = np.arange(K)
+    # The row loop runs in numpy: its operations are small, and numpy's elementwise kernels
+    # stay single-threaded, which keeps the loop fast on a CPU shared with other work.
+    Wp = W[perm].copy()
+    Un = U.detach().to("cpu", torch.float32).numpy()
+    zf = None if symmetric else np.zeros((kb, N), np.float32)
+
+    def set_grid(b: int, rows: np.ndarray) -> None:
+        s_, z_ = scales_from_range(rows.min(axis=0), rows.max(axis=0), bits, symmetric, scale_dtype)
+        scales[b] = s_
+        if zeros is not None:
+            zeros[b] = z_
+            zf[b] = z_
+
+    if static:
+        for b in range(kb):
+            set_grid(b, W[b * block_size:(b + 1) * block_size])
+
+    codes = np.zeros((K, N), np.float32)
+    chunk = max(block_size, (_CHUNK_ROWS // block_size) * block_size)
+    for c0 in range(0, K, chunk):
+        c1 = min(c0 + chunk, K)
+        W1 = Wp[c0:c1]
+        U1 = Un[c0:c1, c0:c1]
+        E1 = np.zeros_like(W1)
+        for i in range(c1 - c0):
+            k = c0 + i
+            if i:
+                # Lazy form of the in-chunk OBS updates: row i receives the errors of rows < i.
+                W1[i] -= U1[:i, i] @ E1[:i]
+            if not static and k % block_size == 0:
+                rows = W1[i:i + block_size].copy()
+                n_ahead = min(block_size, c1 - c0 - i)
+                if i and n_ahead > 1:
+                    rows[1:n_ahead] -= U1[:i, i + 1:i + n_ahead].T @ E1[:i]
+                set_grid(k // block_size, rows)
+            b = int(perm[k]) // block_size
+            s_b = scales[b]
+            w = W1[i]
+            if zf is None:
+                q = np.clip(np.round(w / s_b), qmin, qmax)
+                deq = q * s_b
+            else:
+                q = np.clip(np.round(w / s_b) + zf[b], qmin, qmax)
+                deq = (q - zf[b]) * s_b
+            codes[k] = q
+            E1[i] = (w - deq) / U1[i, i]
+        if c1 < K:
+            Wp[c1:] -= Un[c0:c1, c1:].T @ E1
+
+    codes_np = np.empty((K, N), np.float32)
+    codes_np[perm] = codes
+    return QuantizedMatrix(codes=codes_np.astype(np.int8 if symmetric else np.uint8),
+                           scales=scales, zero_points=zeros, bits=bits, block_size=block_size,
+                           scale_dtype=scale_dtype)
+
+
+def gptq_factorize(W: np.ndarray, H: np.ndarray, bits: int, block_size: int,
+                   symmetric: bool = True, scale_dtype: str = "float16", damp: float = 0.01,
+                   act_order: bool = False) -> Factorization:
+    """:func:`gptq_quantize` as a :class:`Factorization` with ``method="gptq"``."""
+    q = gptq_quantize(W, H, bits, block_size, symmetric, scale_dtype, damp, act_order)
+    return Factorization(method="gptq", shape=tuple(W.shape), q=q,
+                         info={"bits": bits, "block_size": block_size, "symmetric": symmetric,
+                               "damp": damp, "act_order": act_order})

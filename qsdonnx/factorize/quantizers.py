@@ -1,0 +1,135 @@
+"""Block-wise uniform quantization grids shared by RTN, GPTQ, LPLR, CALDERA and QSD.
+
+The grid of one block (one column ``n``, rows ``b*block ... (b+1)*block - 1``) is
+``{(c - z) * s : c in [qmin, qmax]}``; a value is coded as ``c = clip(round(w / s) + z)``.
+Symmetric grids have ``z = 0`` and signed codes ``[-2^(b-1), 2^(b-1) - 1]``; asymmetric grids
+have unsigned codes ``[0, 2^b - 1]`` and an unsigned zero point ``z`` in the same range.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .types import QuantizedMatrix, num_blocks
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """``(qmin, qmax)``: ``[-2^(b-1), 2^(b-1)-1]`` when symmetric, else ``[0, 2^b-1]``."""
+    check_bits(bits)
+    if symmetric:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def store_scales(needed: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """Smallest value representable in ``scale_dtype`` that is ``>= needed`` (as float32).
+
+    Rounding the scale *up* to the stored type keeps every value of the block inside the code
+    range, so the rounding error stays ``<= s/2`` with the scale the model actually holds.
+    Zero scales (all-zero blocks) become 1: the codes are then 0 and the block decodes to 0.
+    """
+    needed = np.asarray(needed, dtype=np.float32)
+    dt = np.dtype(scale_dtype)
+    finite_max = np.finfo(dt).max
+    s = np.minimum(needed, finite_max).astype(dt)
+    low = s.astype(np.float32) < needed
+    if np.any(low):
+        s = np.where(low, np.nextafter(s, np.array(np.inf, dtype=dt)), s)
+    s = np.where(needed > 0, s, np.array(1, dtype=dt))
+    return s.astype(np.float32)
+
+
+def scales_from_range(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool,
+                      scale_dtype: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Per-block scale (and zero point) from the block minimum ``lo`` and maximum ``hi``.
+
+    Symmetric: ``s = max(-min(lo,0) / 2^(b-1), max(hi,0) / (2^(b-1)-1))``.  Of the standard
+    no-clipping choices this is the smallest scale that still covers the block: the common
+    ``absmax / (2^(b-1)-1)`` never uses code ``-2^(b-1)`` (a quarter of the 2-bit grid), while
+    ``absmax / 2^(b-1)`` clips the positive extreme by up to a whole step.  Here the negative
+    side may use the extra code and the positive side is never clipped, so the error is
+    ``<= s/2`` and ``s`` is never larger than the ``absmax / (2^(b-1)-1)`` choice.
+
+    Asymmetric: ``s = (max(hi,0) - min(lo,0)) / (2^b - 1)``, ``z = clip(round(-min(lo,0)/s))``;
+    including 0 in the range keeps ``z`` inside ``[0, 2^b-1]``.
+    """
+    qmin, qmax = code_range(bits, symmetric)
+    lo = np.minimum(np.asarray(lo, np.float32), 0.0)
+    hi = np.maximum(np.asarray(hi, np.float32), 0.0)
+    if symmetric:
+        needed = np.maximum(-lo / float(-qmin), hi / float(qmax))
+        return store_scales(needed, scale_dtype), None
+    needed = (hi - lo) / float(qmax)
+    s = store_scales(needed, scale_dtype)
+    z = np.clip(np.round(-lo / s), qmin, qmax).astype(np.uint8)
+    return s, z
+
+
+def quantize_t(w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], qmin: int,
+               qmax: int) -> torch.Tensor:
+    """Codes ``clip(round(w / s) + z, qmin, qmax)`` as a float tensor (broadcasting)."""
+    c = torch.round(w / scale)
+    if zero is not None:
+        c = c + zero
+    return torch.clamp(c, qmin, qmax)
+
+
+def dequantize_t(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(c - z) * s``."""
+    if zero is not None:
+        codes = codes - zero
+    return codes * scale
+
+
+def block_view(W: np.ndarray, block_size: int) -> np.ndarray:
+    """``W (K, N)`` zero-padded to whole blocks and viewed as ``(k_blocks, block_size, N)``."""
+    K, N = W.shape
+    kb = num_blocks(K, block_size)
+    if kb * block_size != K:
+        W = np.concatenate([W, np.zeros((kb * block_size - K, N), W.dtype)], axis=0)
+    return W.reshape(kb, block_size, N)
+
+
+def quantize_with_grid(W: np.ndarray, scales: np.ndarray, zero_points: Optional[np.ndarray],
+                       bits: int, block_size: int, scale_dtype: str) -> QuantizedMatrix:
+    """Round ``W`` onto a given block grid (scales already in stored precision)."""
+    symmetric = zero_points is None
+    qmin, qmax = code_range(bits, symmetric)
+    K = W.shape[0]
+    s = torch.from_numpy(np.repeat(scales, block_size, axis=0)[:K])
+    z = None
+    if zero_points is not None:
+        z = torch.from_numpy(np.repeat(zero_points.astype(np.float32), block_size, axis=0)[:K])
+    c = quantize_t(torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)), s, z, qmin, qmax)
+    codes = c.numpy().astype(np.int8 if symmetric else np.uint8)
+    return QuantizedMatrix(codes=codes, scales=scales.astype(np.float32), zero_points=zero_points,
+                           bits=bits, block_size=block_size, scale_dtype=scale_dtype)
+
+
+def block_grid(W: np.ndarray, bits: int, block_size: int, symmetric: bool,
+               scale_dtype: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Min/max grid of every block of ``W``: scales (and zero points) of shape (k_blocks, N)."""
+    Wb = block_view(np.asarray(W, np.float32), block_size)
+    # Zero padding cannot change the grid: 0 is always inside the covered range.
+    return scales_from_range(Wb.min(axis=1), Wb.max(axis=1), bits, symmetric, scale_dtype)
+
+
+def quantize_matrix(W: np.ndarray, bits: Optional[int], block_size: int, symmetric: bool = True,
+                    scale_dtype: str = "float16", dense_dtype: str = "float16"):
+    """Round-to-nearest quantize a factor, or keep it dense (``DenseMatrix``) when bits is None."""
+    from .types import DenseMatrix
+
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    if bits is None:
+        return DenseMatrix(values=W.astype(dense_dtype).astype(np.float32), dtype=dense_dtype)
+    s, z = block_grid(W, bits, block_size, symmetric, scale_dtype)
+    return quantize_with_grid(W, s, z, bits, block_size, scale_dtype)
