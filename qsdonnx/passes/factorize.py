@@ -196,7 +196,6 @@ class FactorizeWeightsPass(Pass):
 PLAN_BITS = (2, 4, 8)  # 3-bit codes cost as much as 4-bit ones in every container
 PLAN_BLOCKS = (32, 64, 128)
 PLAN_RANK_BPW = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # low-rank candidates: ranks spending these bpw
-CALDERA_RANKS = (16, 64)
 
 
 def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> list[LayerChoice]:
@@ -219,9 +218,6 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
     out: list[LayerChoice] = []
     if method == "auto":
         out += [LayerChoice(quant, b, blk) for b in PLAN_BITS for blk in blocks]
-        if has_h:
-            out += [LayerChoice("caldera", 2, effective_block(cfg.block_size, K), r)
-                    for r in CALDERA_RANKS if r < min(K, N) // 4]
         return out
     bits = ov.bits if ov and ov.bits else cfg.bits
     blk = effective_block(cfg.block_size, K)
@@ -262,6 +258,14 @@ class GlobalPlanPass(Pass):
             for choice in candidate_choices(rec, cfg, H is not None):
                 nbytes = choice.nbytes(K, N, cfg, rec.dtype)
                 if nbytes >= rec.bytes_before:
+                    continue
+                if choice.method == "gptq":
+                    # GPTQ costs a pass over K rows per setting; its error is predicted from
+                    # round-to-nearest on the same grid (an upper bound: GPTQ only lowers the
+                    # H-weighted error), and only the chosen setting is run.
+                    est = run_choice(W, LayerChoice("rtn", choice.bits, choice.block_size), cfg, None, rec.dtype)
+                    cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, est.dense(), H),
+                                           payload=(choice, None)))
                     continue
                 f = run_choice(W, choice, cfg, H, rec.dtype)
                 cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, f.dense(), H),
@@ -304,7 +308,8 @@ class GlobalPlanPass(Pass):
             rec.predicted_error = c.predicted_error
             rec.status = "candidate"
             rec.extra["candidates"] = len(cands)
-            ctx.factorizations[rec.name] = f
+            if f is not None:
+                ctx.factorizations[rec.name] = f
             spent += c.nbytes
             choices[rec.name] = choice.label()
         numel = self.numel
