@@ -99,7 +99,7 @@ class ColumnProjector:
         return m
 
 
-def varimax_rotation(F: np.ndarray, iters: int = 200, tol: float = 1e-7) -> np.ndarray:
+def varimax_rotation(F: np.ndarray, iters: int = 50, tol: float = 1e-6) -> np.ndarray:
     """Orthogonal ``T (r × r)`` maximizing the varimax criterion of ``F T`` (``F`` is ``p × r``):
     ``sum_j [ mean_i (F T)_ij⁴ - (mean_i (F T)_ij²)² ]``, by Kaiser's SVD iteration
     ``T ← U Vᵀ`` with ``U S Vᵀ = Fᵀ (G³ - G diag(mean_i G_ij²))``, ``G = F T``.
@@ -181,7 +181,8 @@ def qsd_factorize(W: np.ndarray, H: Optional[np.ndarray], rank: int, bits: Optio
         L0 = to_numpy(A if C is None else torch.linalg.solve_triangular(C.T, A, upper=True))
         R0 = to_numpy(r[:, None] * Vt)
         if kept_per_column(K, sp_l) < K or kept_per_column(rank, sp_r) < rank:
-            # Any orthogonal T keeps L0 R0; rotate the sparser factor towards few large entries.
+            # Any orthogonal T keeps L0 R0; rotate a sparse factor (L when both are) towards
+            # few large entries per column.
             if kept_per_column(K, sp_l) < K:
                 T = varimax_rotation(L0).astype(np.float32)
             else:
@@ -195,19 +196,25 @@ def qsd_factorize(W: np.ndarray, H: Optional[np.ndarray], rank: int, bits: Optio
         R0 = (rng.standard_normal((rank, N)) * scale / N ** 0.25).astype(np.float32)
 
     # The descent loop runs in numpy float32: many small steps, where numpy's single-threaded
-    # elementwise kernels beat dispatching each one to a thread pool on a shared CPU.
-    M = to_numpy(Mt)
-    Ct = None if C is None else to_numpy(C.T)
-    Cn = None if C is None else np.ascontiguousarray(Ct.T)
-    norm = max(float(np.sum(M.astype(np.float64) ** 2)), 1e-30)
+    # elementwise kernels beat dispatching each one to a thread pool on a shared CPU.  With
+    # Hd = C Cᵀ the loss expands to tr(WᵀHdW) - 2<R, LᵀHdW> + <R, (LᵀHdL) R>, so a step costs one
+    # K²r product (Hd L) instead of the K²r + K²N of forming the weighted residual.
+    Hd = None if C is None else to_numpy(C @ C.T)
+    HW = W if Hd is None else to_numpy(C @ Mt)
+    base = float(np.sum(W.astype(np.float64) * HW))
+    norm = max(base, 1e-30)
 
-    def residual(Lp: np.ndarray, Rp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        CL = Lp if Ct is None else Ct @ Lp
-        return M - CL @ Rp, CL
+    def loss_parts(Lp: np.ndarray, Rp: np.ndarray):
+        HL = Lp if Hd is None else Hd @ Lp
+        G = Lp.T @ HL
+        B = HL.T @ W
+        GR = G @ Rp
+        val = (base - 2.0 * float(np.sum(Rp * B, dtype=np.float64))
+               + float(np.sum(Rp * GR, dtype=np.float64))) / norm
+        return max(val, 0.0), HL, B, GR
 
     def loss_of(Lp: np.ndarray, Rp: np.ndarray) -> float:
-        E, _ = residual(Lp, Rp)
-        return float(np.sum(E.astype(np.float64) ** 2)) / norm
+        return loss_parts(Lp, Rp)[0]
 
     # Gradual pruning: the kept count falls from all entries to the target over the first
     # ``prune_fraction`` of the steps (cubic schedule), so the support can settle while the
@@ -234,15 +241,14 @@ def qsd_factorize(W: np.ndarray, H: Optional[np.ndarray], rank: int, bits: Optio
         schedule(step)
         at_target = (proj_l.keep, proj_r.keep) == targets
         Lp, Rp = proj_l(L), proj_r(R)
-        E, CL = residual(Lp, Rp)
-        val = float(np.sum(E.astype(np.float64) ** 2)) / norm
+        val, HL, B, GR = loss_parts(Lp, Rp)
         losses.append(val)
         if at_target and val < best_loss:
             best_loss, best = val, (L.copy(), R.copy())
         # Straight-through: gradients at the projected factors update the float shadows.
-        gR = (-2.0 / norm) * (CL.T @ E)
-        ER = E @ Rp.T
-        gL = (-2.0 / norm) * (ER if Cn is None else Cn @ ER)
+        # dloss/dR = 2 (LᵀHdL R - LᵀHdW),  dloss/dL = 2 (HdL R Rᵀ - HdW Rᵀ).
+        gR = (2.0 / norm) * (GR - B)
+        gL = (2.0 / norm) * (HL @ (Rp @ Rp.T) - HW @ Rp.T)
         t = step + 1
         for P, g, m, v, lr_p in ((L, gL, mL, vL, step_l), (R, gR, mR, vR, step_r)):
             m *= b1

@@ -264,23 +264,38 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
         nodes.append(nd)
         return nd.output[0]
 
-    g = n("Gather", [codes, ids], "gather_codes", axis=0)
-    if bits < 8:
+    def gather_unpacked(table: str, label: str, count: int) -> str:
+        """Rows ``ids`` of a table packed along its last axis, unpacked to ``count`` codes."""
+        g = n("Gather", [table, ids], f"gather_{label}", axis=0)
+        if bits == 8:
+            return g
         parts = []
-        mask = em.const("mask", np.array((1 << bits) - 1, np.uint8), "uint8")
-        axes = em.const("axes_last", np.array([-1], np.int64), "int64")
+        mask = em.const(f"{label}_mask", np.array((1 << bits) - 1, np.uint8), "uint8")
+        axes = em.const(f"{label}_axes", np.array([-1], np.int64), "int64")
         for j in range(8 // bits):
             v = g
             if j:
-                sh = em.const(f"shift{j}", np.array(j * bits, np.uint8), "uint8")
-                v = n("BitShift", [g, sh], f"shift{j}", direction="RIGHT")
-            v = n("BitwiseAnd", [v, mask], f"mask{j}")
-            parts.append(n("Unsqueeze", [v, axes], f"unsq{j}"))
-        g = n("Concat", parts, "interleave", axis=-1)
+                sh = em.const(f"{label}_shift{j}", np.array(j * bits, np.uint8), "uint8")
+                v = n("BitShift", [g, sh], f"{label}_shift{j}", direction="RIGHT")
+            v = n("BitwiseAnd", [v, mask], f"{label}_mask{j}")
+            parts.append(n("Unsqueeze", [v, axes], f"{label}_unsq{j}"))
+        g = n("Concat", parts, f"{label}_interleave", axis=-1)
+        flat_shape = em.const(f"{label}_flat", np.array([-1], np.int64), "int64")
+        lead = n("Slice", [n("Shape", [g], f"{label}_shape"), em.const(f"{label}_s0", np.array([0], np.int64), "int64"),
+                           em.const(f"{label}_s1", np.array([-2], np.int64), "int64")], f"{label}_lead")
+        g = n("Reshape", [g, n("Concat", [lead, flat_shape], f"{label}_flatshape", axis=0)], f"{label}_flatten")
+        if (count * bits) % 8:
+            # The last byte of each row holds padding codes: keep the first ``count``.
+            g = n("Slice", [g, em.const(f"{label}_c0", np.array([0], np.int64), "int64"),
+                            em.const(f"{label}_c1", np.array([count], np.int64), "int64"),
+                            em.const(f"{label}_ax", np.array([-1], np.int64), "int64")], f"{label}_trim")
+        return g
+
+    g = gather_unpacked(codes, "codes", D)
     gs = n("Gather", [scales, ids], "gather_scales", axis=0)  # (..., kb)
     if qm.scale_dtype != em.dtype:
         gs = n("Cast", [gs], "scales_cast", to=em.onnx_dtype)
-    # codes: (..., D*bits/8, 8/bits) -> (..., kb, B); scales (..., kb) -> (..., kb, 1)
+    # codes: (..., D) -> (..., kb, B); scales and zero points (..., kb) -> (..., kb, 1)
     blk = em.const("block_shape", np.array([kb, B], np.int64), "int64")
     shape_ids = n("Shape", [ids], "ids_shape")
     full = n("Concat", [shape_ids, blk], "blocked_shape", axis=0)
@@ -290,8 +305,9 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
         z = em.const("zero_point", np.array(1 << (bits - 1)), em.dtype)
         cz = n("Sub", [cb, z], "center")
     else:
-        zpk = edit.add_initializer(numpy_helper.from_array(zp.astype(np.uint8), f"{em.base}.zero_points"))
-        gz = n("Gather", [zpk, ids], "gather_zp", axis=0)
+        zpk = edit.add_initializer(numpy_helper.from_array(pack_bits(zp.astype(np.uint8), bits),
+                                                           f"{em.base}.zero_points"))
+        gz = gather_unpacked(zpk, "zp", kb)
         gzf = n("Cast", [gz], "zp_float", to=em.onnx_dtype)
         axes = em.const("axes_last2", np.array([-1], np.int64), "int64")
         cz = n("Sub", [cb, n("Unsqueeze", [gzf, axes], "zp_unsq")], "center")

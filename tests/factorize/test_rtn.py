@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from qsdonnx.factorize.quantizers import code_range
+from qsdonnx.factorize.rtn import rtn_factorize, rtn_quantize
+
+
+def _scale_per_element(qm):
+    K = qm.shape[0]
+    return np.repeat(qm.stored_scales(), qm.block_size, axis=0)[:K]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("K,bs", [(64, 32), (100, 32), (48, 16), (20, 128)])
+def test_rtn_error_bounded_by_half_step(bits, symmetric, K, bs):
+    rng = np.random.default_rng(bits * 7 + K)
+    W = (rng.standard_normal((K, 9)) * rng.uniform(0.01, 3, size=9)).astype(np.float32)
+    qm = rtn_quantize(W, bits, bs, symmetric=symmetric)
+    qmin, qmax = code_range(bits, symmetric)
+    assert qm.codes.min() >= qmin and qm.codes.max() <= qmax
+    assert qm.codes.dtype == (np.int8 if symmetric else np.uint8)
+    assert qm.scales.shape == ((K + bs - 1) // bs, 9)
+    err = np.abs(W - qm.dequantize())
+    assert np.all(err <= _scale_per_element(qm) * (0.5 + 1e-5) + 1e-12)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_exact_on_grid(symmetric):
+    rng = np.random.default_rng(1)
+    bits, bs = 4, 32
+    qmin, qmax = code_range(bits, symmetric)
+    codes = rng.integers(qmin, qmax + 1, size=(64, 5))
+    codes[0] = qmin  # pin the block extremes so the min/max grid is the one used to build W
+    codes[1] = qmax
+    codes[32] = qmin
+    codes[33] = qmax
+    if not symmetric:
+        z = 5
+        codes[2] = z  # zero is on the grid
+        codes[34] = z
+        W = ((codes - z) * 0.125).astype(np.float32)
+    else:
+        W = (codes * 0.125).astype(np.float32)
+    qm = rtn_quantize(W, bits, bs, symmetric=symmetric)
+    np.testing.assert_array_equal(qm.dequantize(), W)
+
+
+def test_rtn_bpw_4bit_block32_fp16():
+    W = np.random.default_rng(0).standard_normal((128, 48)).astype(np.float32)
+    f = rtn_factorize(W, 4, 32)
+    assert f.method == "rtn"
+    assert f.bits_per_weight() == 4.5
+    assert rtn_factorize(W, 4, 32, scale_dtype="float32").bits_per_weight() == 5.0
+    assert rtn_factorize(W, 8, 32).bits_per_weight() == 8.5
+    assert rtn_factorize(W, 2, 32).bits_per_weight() == 2.5
+    assert rtn_factorize(W, 3, 32).bits_per_weight() == 3.5
+    # Asymmetric adds a packed zero point per block.
+    assert rtn_factorize(W, 4, 32, symmetric=False).bits_per_weight() == 4.625
+
+
+def test_rtn_all_zero_block():
+    W = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)
+    W[:32, 1] = 0.0
+    for symmetric in (True, False):
+        qm = rtn_quantize(W, 4, 32, symmetric=symmetric)
+        assert np.all(np.isfinite(qm.scales)) and np.all(qm.scales > 0)
+        np.testing.assert_array_equal(qm.dequantize()[:32, 1], 0.0)
+
+
+def test_rtn_uses_stored_scale():
+    # Extremes chosen so that the fp16-rounded scale would clip them if it were rounded down.
+    W = np.array([[0.1], [-0.7000001], [0.33333]], np.float32)
+    qm = rtn_quantize(W, 4, 32)
+    s = qm.stored_scales()[0, 0]
+    assert np.all(np.abs(W - qm.dequantize()) <= s * 0.5 + 1e-7)
+    assert qm.scales[0, 0] == s  # the scale already is the stored value
+
+
+def test_rtn_2bit_uses_the_negative_code():
+    W = np.array([[-1.0], [0.5], [0.0], [-0.5]], np.float32)
+    qm = rtn_quantize(W, 2, 4)
+    assert qm.scales[0, 0] == 0.5
+    assert qm.codes.ravel().tolist() == [-2, 1, 0, -1]
