@@ -60,6 +60,7 @@ class OptimizeConfig:
     overrides: tuple[LayerOverride, ...] = ()
     min_elements: int = 4096
     compress_embeddings: bool = True
+    sensitivity: bool = True  # weight the planner's per-layer errors by measured end-to-end effect
     # calibration
     calib: Optional[Path] = None
     calib_batch: int = 8

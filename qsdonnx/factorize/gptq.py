@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .linalg import cholesky_lower, device, to_torch
-from .quantizers import check_bits, code_range, scales_from_range
+from .quantizers import check_bits, code_range, mse_grid
 from .types import Factorization, QuantizedMatrix, num_blocks
 
 _CHUNK_ROWS = 128
@@ -84,7 +84,9 @@ def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size
     zf = None if symmetric else np.zeros((kb, N), np.float32)
 
     def set_grid(b: int, rows: np.ndarray) -> None:
-        s_, z_ = scales_from_range(rows.min(axis=0), rows.max(axis=0), bits, symmetric, scale_dtype)
+        s_, z_ = mse_grid(rows[None], bits, symmetric, scale_dtype)
+        s_ = s_[0]
+        z_ = None if z_ is None else z_[0]
         scales[b] = s_
         if zeros is not None:
             zeros[b] = z_

@@ -115,11 +115,41 @@ def quantize_with_grid(W: np.ndarray, scales: np.ndarray, zero_points: Optional[
                            bits=bits, block_size=block_size, scale_dtype=scale_dtype)
 
 
+CLIP_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 17), 4))
+
+
+def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str
+             ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Per block, the grid that minimizes the block's squared rounding error among the min/max
+    grids of the range shrunk by each factor in ``CLIP_FACTORS``: clipping a few extreme values
+    buys a finer step for all the others (``Wb``: ``(k_blocks, block, N)``)."""
+    lo, hi = Wb.min(axis=1), Wb.max(axis=1)
+    qmin, qmax = code_range(bits, symmetric)
+    best_err = best_s = best_z = None
+    for f in CLIP_FACTORS:
+        s, z = scales_from_range(lo * f, hi * f, bits, symmetric, scale_dtype)
+        zz = 0.0 if z is None else z.astype(np.float32)[:, None, :]
+        q = np.clip(np.round(Wb / s[:, None, :]) + zz, qmin, qmax)
+        err = (((q - zz) * s[:, None, :] - Wb) ** 2).sum(axis=1)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        if z is not None:
+            best_z = np.where(better, z, best_z)
+    return best_s.astype(np.float32), best_z
+
+
 def block_grid(W: np.ndarray, bits: int, block_size: int, symmetric: bool,
-               scale_dtype: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Min/max grid of every block of ``W``: scales (and zero points) of shape (k_blocks, N)."""
+               scale_dtype: str, clip_search: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Grid of every block of ``W``: scales (and zero points) of shape (k_blocks, N); the
+    MSE-best clipped range with ``clip_search``, else the plain min/max range."""
     Wb = block_view(np.asarray(W, np.float32), block_size)
     # Zero padding cannot change the grid: 0 is always inside the covered range.
+    if clip_search:
+        return mse_grid(Wb, bits, symmetric, scale_dtype)
     return scales_from_range(Wb.min(axis=1), Wb.max(axis=1), bits, symmetric, scale_dtype)
 
 

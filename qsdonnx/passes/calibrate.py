@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -60,26 +59,25 @@ def _conv_rows(x: torch.Tensor, attrs: dict, kshape: list[int]) -> torch.Tensor 
 
 
 class HessianAccumulator:
-    """``H = Σ xᵀx`` over rows ``x`` of one layer's input (float64), with the row count."""
+    """``H = Σ xᵀx`` over rows ``x`` of one layer's input, with the row count.
+
+    Each batch's product is formed in float32 (fast) and summed across batches in float64, so
+    long calibration runs do not lose precision."""
 
     def __init__(self, K: int):
         self.H = torch.zeros(K, K, dtype=torch.float64)
         self.rows = 0
-        self.absmax = torch.zeros(K, dtype=torch.float64)
 
     def add(self, rows: torch.Tensor) -> None:
-        r = rows.to(torch.float64)
-        self.H.addmm_(r.T, r)
-        self.rows += r.shape[0]
-        self.absmax = torch.maximum(self.absmax, r.abs().amax(dim=0))
+        self.H += (rows.T @ rows).to(torch.float64)
+        self.rows += rows.shape[0]
 
     def result(self) -> dict:
         n = max(self.rows, 1)
-        return {"H": (self.H / n).to(torch.float32).numpy(), "rows": self.rows,
-                "absmax": self.absmax.to(torch.float32).numpy()}
+        return {"H": (self.H / n).to(torch.float32).numpy(), "rows": self.rows}
 
 
-def calibration_feeds(ctx: Context) -> list[dict]:
+def calibration_feeds(ctx: Context, warn: bool = True) -> list[dict]:
     cfg = ctx.config
     if cfg.calib is not None:
         path = Path(cfg.calib)
@@ -87,9 +85,8 @@ def calibration_feeds(ctx: Context) -> list[dict]:
             raise InputError(f"calibration data {path} does not exist")
         feeds = load_feeds(path, ctx.original, cfg.calib_batch)
     else:
-        warnings.warn("no --calib data: calibrating on generated inputs; real data gives much better results",
-                      stacklevel=2)
-        log.warning("no --calib data: calibrating on generated inputs; real data gives much better results")
+        if warn:
+            log.warning("no --calib data: calibrating on generated inputs; real data gives much better results")
         n = max(1, min(cfg.calib_samples, 32) // cfg.calib_batch)
         feeds = generated_inputs(ctx.original, dict(_batched(cfg.input_shapes, cfg.calib_batch)), n, cfg.seed + 1)
     out, total = [], 0
@@ -137,21 +134,39 @@ class CalibratePass(Pass):
         accs: dict[str, HessianAccumulator] = {}
         feeds = calibration_feeds(ctx)
         samples = 0
+        # Layers reading the same tensor the same way (q, k and v projections) share one H.
+        share: dict[str, str] = {}
+        for name, users in targets.items():
+            for node, rec in users:
+                share.setdefault(rec.name, f"{name}|{rec.view}|{self._row_key(node, rec)}")
         for feed in tqdm(feeds, desc="calibrating", unit="batch", disable=not ctx.config.progress, leave=False):
             outs = sess.run(names, feed)
             samples += len(next(iter(feed.values())))
             for name, value in zip(names, outs):
-                x = torch.from_numpy(np.asarray(value, dtype=np.float32))
+                x = torch.from_numpy(np.array(value, dtype=np.float32))
+                done = set()
                 for node, rec in targets[name]:
+                    key = share[rec.name]
+                    if key in done:
+                        continue
+                    done.add(key)
                     rows = self._rows(x, node, rec)
                     if rows is None:
                         continue
-                    accs.setdefault(rec.name, HessianAccumulator(rec.matrix_shape[0])).add(rows)
-        for wname, acc in accs.items():
-            ctx.calibration[wname] = acc.result()
+                    accs.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
+        for wname, key in share.items():
+            if key in accs:
+                ctx.calibration[wname] = accs[key].result()
         ctx.calib_info = {"samples": samples, "batches": len(feeds),
                                        "source": str(ctx.config.calib) if ctx.config.calib else "generated"}
-        return f"{len(accs)} layers calibrated on {samples} samples"
+        return f"{len(ctx.calibration)} layers calibrated on {samples} samples ({len(accs)} distinct inputs)"
+
+    @staticmethod
+    def _row_key(node: onnx.NodeProto, rec: WeightRecord) -> str:
+        a = node_attrs(node)
+        if rec.view == "conv":
+            return repr(sorted((k, v) for k, v in a.items() if k != "group")) + repr(rec.shape[1:])
+        return str(a.get("transA", 0))
 
     @staticmethod
     def _rows(x: torch.Tensor, node: onnx.NodeProto, rec: WeightRecord) -> torch.Tensor | None:

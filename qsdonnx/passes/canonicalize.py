@@ -55,6 +55,20 @@ def matrix_view(op: str, weight: np.ndarray, attrs: dict) -> tuple[str, np.ndarr
     raise ValueError(op)
 
 
+def weight_from_matrix(op: str, matrix: np.ndarray, shape: tuple[int, ...], attrs: dict) -> np.ndarray:
+    """Inverse of :func:`matrix_view`: the tensor that ``matrix`` stands for."""
+    if op == "MatMul":
+        return matrix
+    if op == "Gemm":
+        w = matrix / np.asarray(attrs.get("alpha", 1.0), dtype=matrix.dtype)
+        return w.T if attrs.get("transB", 0) else w
+    if op == "Conv":
+        return matrix.T.reshape(shape)
+    if op == "Gather":
+        return matrix.T
+    raise ValueError(op)
+
+
 class FindWeightsPass(Pass):
     """Creates one ``WeightRecord`` per constant weight of MatMul, Gemm, Conv and Gather.
 

@@ -249,12 +249,14 @@ class GlobalPlanPass(Pass):
         recs = ctx.candidates()
         options: list[list] = []
         kept: list[WeightRecord] = []
+        probes: dict = {}
         bar = tqdm(recs, desc="planning", unit="weight", disable=not cfg.progress, leave=False)
         for rec in bar:
             W = ctx.weights[rec.name]
             H = ctx.calibration.get(rec.name, {}).get("H")
             K, N = rec.matrix_shape
             cands = []
+            dense_of = []  # reconstructions, kept only until the sensitivity probe is chosen
             for choice in candidate_choices(rec, cfg, H is not None):
                 nbytes = choice.nbytes(K, N, cfg, rec.dtype)
                 if nbytes >= rec.bytes_before:
@@ -264,17 +266,36 @@ class GlobalPlanPass(Pass):
                     # round-to-nearest on the same grid (an upper bound: GPTQ only lowers the
                     # H-weighted error), and only the chosen setting is run.
                     est = run_choice(W, LayerChoice("rtn", choice.bits, choice.block_size), cfg, None, rec.dtype)
-                    cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, est.dense(), H),
+                    dense_of.append(est.dense())
+                    cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, dense_of[-1], H),
                                            payload=(choice, None)))
                     continue
                 f = run_choice(W, choice, cfg, H, rec.dtype)
-                cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, f.dense(), H),
+                dense_of.append(f.dense())
+                cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, dense_of[-1], H),
                                        payload=(choice, f)))
             if not cands:
                 rec.skip("no compressed setting is smaller than the original")
                 continue
+            # Probe at the median size: far enough from exact to measure, close to where the
+            # plan will land.
+            order = sorted(range(len(cands)), key=lambda i: cands[i].nbytes)
+            mid = order[len(order) // 2]
+            probes[rec.name] = (dense_of[mid], cands[mid].predicted_error)
             options.append(cands)
             kept.append(rec)
+        if cfg.sensitivity and len(kept) > 1:
+            from .calibrate import calibration_feeds
+            from .sensitivity import measure_sensitivity
+
+            feeds = calibration_feeds(ctx, warn=False)[:2]
+            alphas = measure_sensitivity(ctx, probes, feeds, progress=cfg.progress)
+            for rec, cands in zip(kept, options):
+                a = alphas[rec.name]
+                rec.extra["sensitivity"] = a
+                for c in cands:
+                    c.predicted_error *= a
+        probes.clear()
         self.kept, self.options = kept, options
         self.numel = sum(r.numel for r in kept)
         if cfg.bits_per_weight is not None:

@@ -16,7 +16,7 @@ def _scale_per_element(qm):
 def test_rtn_error_bounded_by_half_step(bits, symmetric, K, bs):
     rng = np.random.default_rng(bits * 7 + K)
     W = (rng.standard_normal((K, 9)) * rng.uniform(0.01, 3, size=9)).astype(np.float32)
-    qm = rtn_quantize(W, bits, bs, symmetric=symmetric)
+    qm = rtn_quantize(W, bits, bs, symmetric=symmetric, clip_search=False)
     qmin, qmax = code_range(bits, symmetric)
     assert qm.codes.min() >= qmin and qm.codes.max() <= qmax
     assert qm.codes.dtype == (np.int8 if symmetric else np.uint8)
@@ -42,8 +42,22 @@ def test_rtn_exact_on_grid(symmetric):
         W = ((codes - z) * 0.125).astype(np.float32)
     else:
         W = (codes * 0.125).astype(np.float32)
-    qm = rtn_quantize(W, bits, bs, symmetric=symmetric)
+    qm = rtn_quantize(W, bits, bs, symmetric=symmetric, clip_search=False)
     np.testing.assert_array_equal(qm.dequantize(), W)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_never_worse_per_block_and_better_on_heavy_tails(bits, symmetric):
+    rng = np.random.default_rng(bits)
+    W = rng.standard_t(df=3, size=(256, 40)).astype(np.float32)  # heavy tails: clipping pays
+    plain = rtn_quantize(W, bits, 32, symmetric=symmetric, clip_search=False)
+    clipped = rtn_quantize(W, bits, 32, symmetric=symmetric)
+    e_plain = ((plain.dequantize() - W) ** 2).reshape(8, 32, 40).sum(axis=1)
+    e_clip = ((clipped.dequantize() - W) ** 2).reshape(8, 32, 40).sum(axis=1)
+    assert np.all(e_clip <= e_plain * (1 + 1e-6) + 1e-12)
+    if bits <= 4:
+        assert e_clip.sum() < 0.97 * e_plain.sum()
 
 
 def test_rtn_bpw_4bit_block32_fp16():

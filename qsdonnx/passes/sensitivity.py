@@ -1,0 +1,66 @@
+"""End-to-end sensitivity of each weight, measured in ONNX Runtime.
+
+The planner's per-layer error ``e_l = tr(ΔᵀHΔ)/tr(WᵀHW)`` says how much a layer's own output
+moves, not how much the model's output does: a LayerNorm, a residual path or a softmax can
+shrink or amplify it.  Here every candidate weight becomes a graph input of one session; for
+each weight in turn the model runs with only that weight replaced by a probe reconstruction,
+and the relative squared change of the outputs, divided by the probe's ``e_l``, is the
+weight's sensitivity ``α_l``.  The planner then minimizes ``Σ α_l·e_l`` (first-order,
+additive model of the end-to-end error).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from tqdm import tqdm
+
+from ..graph import node_key
+from .base import Context, WeightRecord
+from .canonicalize import node_attrs, weight_from_matrix
+
+log = logging.getLogger("qsdonnx")
+
+
+def measure_sensitivity(ctx: Context, probes: dict[str, tuple[np.ndarray, float]], feeds: list[dict],
+                        progress: bool = False) -> dict[str, float]:
+    """``α_l`` for each weight in ``probes`` (name → (probe matrix Ŵ in the (K, N) view, e_l))."""
+    from ..runtime import session
+
+    model = copy.deepcopy(ctx.model)
+    recs = {r.name: r for r in ctx.records if r.name in probes}
+    nodes = {node_key(n): n for n in model.graph.node}
+    originals: dict[str, np.ndarray] = {}
+    keep = []
+    for t in model.graph.initializer:
+        if t.name in recs:
+            originals[t.name] = numpy_helper.to_array(t)
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    sess = session(model)
+    outputs = [o.name for o in sess.get_outputs()]
+
+    def run(weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outs = []
+        for feed in feeds:
+            outs.extend(np.asarray(v, np.float64).ravel() for v in sess.run(outputs, {**feed, **weights}))
+        return outs
+
+    ref = run(originals)
+    ref_energy = sum(float(r @ r) for r in ref) or 1.0
+    alphas: dict[str, float] = {}
+    for name in tqdm(list(probes), desc="sensitivity", unit="weight", disable=not progress, leave=False):
+        rec: WeightRecord = recs[name]
+        matrix, e = probes[name]
+        node = nodes[rec.nodes[0]]
+        w = weight_from_matrix(rec.op, matrix, rec.shape, node_attrs(node)).astype(originals[name].dtype)
+        got = run({**originals, name: np.ascontiguousarray(w)})
+        change = sum(float((a - b) @ (a - b)) for a, b in zip(ref, got)) / ref_energy
+        alphas[name] = change / max(e, 1e-12)
+    return alphas
