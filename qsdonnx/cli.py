@@ -44,6 +44,8 @@ def cli(verbose: int) -> None:
               help="Signed codes with no zero point, or unsigned codes with a zero point per block.")
 @click.option("--scale-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--rank", type=int, default=None, help="Rank of the low-rank factors (svd, lplr, caldera, qsd).")
+@click.option("--sparsity", type=float, default=0.0, show_default=True,
+              help="qsd: fraction of each factor column held at zero (stored as values + row indices).")
 @click.option("--bits-per-weight", type=float, default=None,
               help="Size budget in bits per compressed weight, counting every stored byte.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="qdq", show_default=True,
@@ -77,7 +79,7 @@ def cli(verbose: int) -> None:
               help="Write the full report as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="Print only the totals.")
-def optimize(model, output, method, bits, block_size, symmetric, scale_dtype, rank, bits_per_weight, fmt,
+def optimize(model, output, method, bits, block_size, symmetric, scale_dtype, rank, sparsity, bits_per_weight, fmt,
              exclude, overrides, min_elements, no_embeddings, no_sensitivity, calib, calib_batch, calib_samples, inputs,
              input_shapes, num_inputs, max_rel_error, keep_on_fail, no_validate, accuracy_level, report_path,
              seed, quiet) -> None:
@@ -85,7 +87,7 @@ def optimize(model, output, method, bits, block_size, symmetric, scale_dtype, ra
     try:
         cfg = OptimizeConfig(
             method=method, bits=int(bits), block_size=block_size, symmetric=symmetric,
-            scale_dtype=scale_dtype, rank=rank, bits_per_weight=bits_per_weight, format=fmt,
+            scale_dtype=scale_dtype, rank=rank, sparsity=sparsity, bits_per_weight=bits_per_weight, format=fmt,
             exclude=tuple(exclude), overrides=tuple(parse_override(o) for o in overrides),
             min_elements=min_elements, compress_embeddings=not no_embeddings, sensitivity=not no_sensitivity, calib=calib,
             calib_batch=calib_batch, calib_samples=calib_samples, validate=not no_validate, inputs=inputs,

@@ -60,6 +60,7 @@ class OptimizeConfig:
     overrides: tuple[LayerOverride, ...] = ()
     min_elements: int = 4096
     compress_embeddings: bool = True
+    sparsity: float = 0.0  # QSD: fraction of each factor column set to zero
     sensitivity: bool = True  # weight the planner's per-layer errors by measured end-to-end effect
     # calibration
     calib: Optional[Path] = None
@@ -99,6 +100,8 @@ class OptimizeConfig:
                 raise ConfigError(f"--exclude {pattern!r} is not a valid regex: {exc}") from None
         if self.max_rel_error is not None and not self.max_rel_error > 0:
             raise ConfigError(f"--max-rel-error must be positive, got {self.max_rel_error}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.num_inputs < 1:
             raise ConfigError(f"--num-inputs must be at least 1, got {self.num_inputs}")
         if self.calib_batch < 1 or self.calib_samples < 1:

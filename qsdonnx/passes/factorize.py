@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..factorize.budget import lowrank_nbytes, rank_for_budget, rtn_nbytes
+from ..factorize.budget import lowrank_nbytes, qsd_nbytes, rank_for_budget, rtn_nbytes
 from ..factorize.linalg import weighted_error
 from ..factorize.lplr import lplr_factorize
 from ..factorize.rtn import rtn_factorize
@@ -45,6 +45,8 @@ class LayerChoice:
         if self.method == "caldera":
             return (rtn_nbytes(K, N, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
                     + lowrank_nbytes(K, N, self.rank, c, c, self.block_size, cfg.symmetric, cfg.scale_dtype))
+        if self.method == "qsd" and cfg.sparsity > 0:
+            return qsd_nbytes(K, N, self.rank, c, self.block_size, cfg.sparsity, cfg.symmetric, cfg.scale_dtype)
         return lowrank_nbytes(K, N, self.rank, c, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
 
     def container(self) -> int:
@@ -155,11 +157,10 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
     if m == "caldera":
         from ..factorize.caldera import caldera_factorize
         return caldera_factorize(W, H if H is not None else np.eye(W.shape[0], dtype=np.float32),
-                                    choice.rank, choice.bits, choice.bits, **common)
+                                    choice.rank, choice.bits, choice.bits, iters=3, lr_iters=1, **common)
     if m == "qsd":
         from ..factorize.qsd import qsd_factorize
-        return qsd_factorize(W, H if H is not None else np.eye(W.shape[0], dtype=np.float32),
-                                choice.rank, choice.bits, **common)
+        return qsd_factorize(W, H, choice.rank, choice.bits, sparsity=cfg.sparsity, seed=cfg.seed, **common)
     raise ConfigError(f"unknown method {m!r}")
 
 
@@ -196,6 +197,9 @@ class FactorizeWeightsPass(Pass):
 PLAN_BITS = (2, 4, 8)  # 3-bit codes cost as much as 4-bit ones in every container
 PLAN_BLOCKS = (32, 64, 128)
 PLAN_RANK_BPW = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # low-rank candidates: ranks spending these bpw
+
+
+PROXIES = {"gptq": "rtn", "qsd": "lplr"}
 
 
 def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> list[LayerChoice]:
@@ -261,11 +265,13 @@ class GlobalPlanPass(Pass):
                 nbytes = choice.nbytes(K, N, cfg, rec.dtype)
                 if nbytes >= rec.bytes_before:
                     continue
-                if choice.method == "gptq":
-                    # GPTQ costs a pass over K rows per setting; its error is predicted from
-                    # round-to-nearest on the same grid (an upper bound: GPTQ only lowers the
-                    # H-weighted error), and only the chosen setting is run.
-                    est = run_choice(W, LayerChoice("rtn", choice.bits, choice.block_size), cfg, None, rec.dtype)
+                proxy = PROXIES.get(choice.method)
+                if proxy is not None:
+                    # The iterative methods cost seconds per setting; each setting's error is
+                    # predicted from a fast method on the same grid and rank that it improves on
+                    # (GPTQ from round-to-nearest, QSD from LPLR), and only the chosen one is run.
+                    est = run_choice(W, LayerChoice(proxy, choice.bits, choice.block_size, choice.rank),
+                                     cfg, None, rec.dtype)
                     dense_of.append(est.dense())
                     cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, dense_of[-1], H),
                                            payload=(choice, None)))
@@ -277,11 +283,11 @@ class GlobalPlanPass(Pass):
             if not cands:
                 rec.skip("no compressed setting is smaller than the original")
                 continue
-            # Probe at the median size: far enough from exact to measure, close to where the
-            # plan will land.
+            # Probe at the median size (close to where the plan will land) and at the cheapest
+            # (where damage can grow faster than the first-order model says).
             order = sorted(range(len(cands)), key=lambda i: cands[i].nbytes)
-            mid = order[len(order) // 2]
-            probes[rec.name] = (dense_of[mid], cands[mid].predicted_error)
+            picks = sorted({order[0], order[len(order) // 2]})
+            probes[rec.name] = [(dense_of[i], cands[i].predicted_error) for i in picks]
             options.append(cands)
             kept.append(rec)
         if cfg.sensitivity and len(kept) > 1:

@@ -21,7 +21,7 @@ MS_DOMAIN = "com.microsoft"
 def nbits_unsupported(m) -> str:
     """Why ``m`` cannot be a MatMulNBits weight, or '' if it can."""
     if not isinstance(m, QuantizedMatrix):
-        return "dense factor"
+        return "sparse factor" if hasattr(m, "indices") else "dense factor"
     bs = m.block_size
     if bs < 16 or bs & (bs - 1):
         return f"block {bs} is not a power of two >= 16"

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..factorize.packing import pack_bits
-from ..factorize.types import DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix
+from ..factorize.types import DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix
 from ..graph import GraphEdit, node_key, container_bits, float_tensor, int_tensor, tensor_nbytes
 from .base import Context, Pass, WeightRecord
 from .canonicalize import node_attrs
@@ -52,8 +52,9 @@ class QdqEmitter:
         self.other_bytes = 0  # new bytes that replace something other than the weight
 
     # -- weight parts -------------------------------------------------------------------------
-    def scales(self, part: str, qm: QuantizedMatrix, transpose: bool) -> str:
-        s = qm.scales.T if transpose else qm.scales
+    def scales(self, part: str, qm: QuantizedMatrix, s: np.ndarray) -> str:
+        """The scale initializer (``s``: ``qm``'s scales laid out as the codes are), cast to the
+        model's float type when stored narrower."""
         name = self.edit.add_initializer(float_tensor(f"{self.base}.{part}_scale", s, qm.scale_dtype))
         if qm.scale_dtype != self.dtype:
             # Cast the (small) scale tensor rather than the (large) dequantized weight.
@@ -67,21 +68,76 @@ class QdqEmitter:
         key = f"{part}:{transpose}"
         if key in self._cache:
             return self._cache[key]
-        if isinstance(m, DenseMatrix):
+        if isinstance(m, SparseQuantizedMatrix):
+            out = self.sparse_factor(part, m, transpose)
+        elif isinstance(m, DenseMatrix):
             v = m.values.T if transpose else m.values
             out = self.edit.add_initializer(float_tensor(f"{self.base}.{part}", v, self.dtype))
         else:
             codes = m.codes.T if transpose else m.codes
-            codes_name = self.edit.add_initializer(int_tensor(f"{self.base}.{part}", codes, m.bits, m.symmetric))
-            inputs = [codes_name, self.scales(part, m, transpose)]
-            if not m.symmetric:
-                zp = m.zero_points.T if transpose else m.zero_points
-                inputs.append(self.edit.add_initializer(int_tensor(f"{self.base}.{part}_zero_point", zp, m.bits, False)))
+            scales = m.scales.T if transpose else m.scales
+            zp = None if m.symmetric else (m.zero_points.T if transpose else m.zero_points)
+            width = codes.shape[1]
+            store_bits = m.bits
+            pad = 0
+            if container_bits(m.bits) == 2 and width % 4:
+                # ONNX Runtime 1.31 decodes 2-bit DequantizeLinear inputs wrongly when the last
+                # dimension is not a multiple of 4.  Columns (not the blocked axis) are padded
+                # with zero codes and sliced off after; along the blocked axis the codes move to
+                # a 4-bit container, and the report counts those bytes.
+                if transpose:
+                    store_bits = 4
+                else:
+                    pad = (-width) % 4
+                    codes = np.pad(codes, ((0, 0), (0, pad)))
+                    scales = np.pad(scales, ((0, 0), (0, pad)), constant_values=1.0)
+                    if zp is not None:
+                        zp = np.pad(zp, ((0, 0), (0, pad)))
+            codes_name = self.edit.add_initializer(int_tensor(f"{self.base}.{part}", codes, store_bits, m.symmetric))
+            inputs = [codes_name, self.scales(part, m, scales)]
+            if zp is not None:
+                inputs.append(self.edit.add_initializer(int_tensor(f"{self.base}.{part}_zero_point", zp, store_bits, False)))
             node = self.edit.node("DequantizeLinear", inputs, f"{self.base}.{part}_dq",
                                   axis=1 if transpose else 0, block_size=m.block_size)
             self.prelude.append(node)
             out = node.output[0]
+            if pad:
+                sl = self.edit.node("Slice", [out, self.const(f"{part}_start", np.array([0], np.int64), "int64"),
+                                              self.const(f"{part}_end", np.array([width], np.int64), "int64"),
+                                              self.const(f"{part}_axis", np.array([1], np.int64), "int64")],
+                                    f"{self.base}.{part}_unpad")
+                self.prelude.append(sl)
+                out = sl.output[0]
         self._cache[key] = out
+        return out
+
+    def sparse_factor(self, part: str, m: SparseQuantizedMatrix, transpose: bool) -> str:
+        """A factor with ``k`` stored entries per column: the stored values are dequantized as a
+        ``(k, cols)`` matrix, then scattered to their rows of a zero ``(rows, cols)`` matrix."""
+        if m.bits is None:
+            vals = self.edit.add_initializer(float_tensor(f"{self.base}.{part}_values", m.codes, m.value_dtype))
+            if m.value_dtype != self.dtype:
+                cast = self.edit.node("Cast", [vals], f"{self.base}.{part}_values_cast", to=self.onnx_dtype)
+                self.prelude.append(cast)
+                vals = cast.output[0]
+        else:
+            vals = self.dequant(f"{part}_values", QuantizedMatrix(
+                codes=m.codes, scales=m.scales, zero_points=m.zero_points, bits=m.bits,
+                block_size=m.block_size, scale_dtype=m.scale_dtype), False)
+        idx = self.edit.add_initializer(numpy_helper.from_array(m.indices.astype(m.index_dtype),
+                                                                f"{self.base}.{part}_rows"))
+        idx64 = self.edit.node("Cast", [idx], f"{self.base}.{part}_rows_i64", to=onnx.TensorProto.INT64)
+        shape = self.const(f"{part}_shape", np.array(m.shape, np.int64), "int64")
+        zero = self.edit.node("ConstantOfShape", [shape], f"{self.base}.{part}_zeros",
+                              value=helper.make_tensor("v", self.onnx_dtype, [1], [0]))
+        dense = self.edit.node("ScatterElements", [zero.output[0], idx64.output[0], vals],
+                               f"{self.base}.{part}_scatter", axis=0)
+        self.prelude += [idx64, zero, dense]
+        out = dense.output[0]
+        if transpose:
+            t = self.edit.node("Transpose", [out], f"{self.base}.{part}_T", perm=[1, 0])
+            self.prelude.append(t)
+            out = t.output[0]
         return out
 
     def sparse_dense(self, sp: SparseMatrix, transpose: bool) -> str:

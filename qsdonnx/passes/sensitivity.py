@@ -25,9 +25,11 @@ from .canonicalize import node_attrs, weight_from_matrix
 log = logging.getLogger("qsdonnx")
 
 
-def measure_sensitivity(ctx: Context, probes: dict[str, tuple[np.ndarray, float]], feeds: list[dict],
+def measure_sensitivity(ctx: Context, probes: dict[str, list[tuple[np.ndarray, float]]], feeds: list[dict],
                         progress: bool = False) -> dict[str, float]:
-    """``α_l`` for each weight in ``probes`` (name → (probe matrix Ŵ in the (K, N) view, e_l))."""
+    """``α_l`` for each weight in ``probes`` (name → [(probe matrix Ŵ in the (K, N) view, e_l), ...]):
+    the largest ratio over the probes, so a layer whose damage grows faster than linearly at
+    coarse settings is judged by its worst case."""
     from ..runtime import session
 
     model = copy.deepcopy(ctx.model)
@@ -43,8 +45,19 @@ def measure_sensitivity(ctx: Context, probes: dict[str, tuple[np.ndarray, float]
             keep.append(t)
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
+    # Probabilities hide what matters for a decision (a near-tie that flips an argmax moves
+    # them very little): outputs made by Softmax are measured on its input, the logits.
+    producer = {o: n for n in model.graph.node for o in n.output}
+    outputs = []
+    for o in model.graph.output:
+        n = producer.get(o.name)
+        if n is not None and n.op_type in ("Softmax", "LogSoftmax"):
+            logits = n.input[0]
+            model.graph.output.append(onnx.helper.make_tensor_value_info(logits, o.type.tensor_type.elem_type, None))
+            outputs.append(logits)
+        else:
+            outputs.append(o.name)
     sess = session(model)
-    outputs = [o.name for o in sess.get_outputs()]
 
     def run(weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         outs = []
@@ -57,10 +70,12 @@ def measure_sensitivity(ctx: Context, probes: dict[str, tuple[np.ndarray, float]
     alphas: dict[str, float] = {}
     for name in tqdm(list(probes), desc="sensitivity", unit="weight", disable=not progress, leave=False):
         rec: WeightRecord = recs[name]
-        matrix, e = probes[name]
         node = nodes[rec.nodes[0]]
-        w = weight_from_matrix(rec.op, matrix, rec.shape, node_attrs(node)).astype(originals[name].dtype)
-        got = run({**originals, name: np.ascontiguousarray(w)})
-        change = sum(float((a - b) @ (a - b)) for a, b in zip(ref, got)) / ref_energy
-        alphas[name] = change / max(e, 1e-12)
+        ratios = []
+        for matrix, e in probes[name]:
+            w = weight_from_matrix(rec.op, matrix, rec.shape, node_attrs(node)).astype(originals[name].dtype)
+            got = run({**originals, name: np.ascontiguousarray(w)})
+            change = sum(float((a - b) @ (a - b)) for a, b in zip(ref, got)) / ref_energy
+            ratios.append(change / max(e, 1e-12))
+        alphas[name] = max(ratios)
     return alphas

@@ -1,0 +1,59 @@
+"""Smoke test of the benchmark harness: ``python -m benchmarks.run --quick`` end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_quick_benchmark_writes_json_tables_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("MPLBACKEND", "Agg")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
+                           "--work", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    results = json.loads((out / "results.json").read_text())
+    for model in results["models"]:
+        assert (out / f"{model}.md").is_file()
+        assert (out / f"{model}.png").stat().st_size > 1000
+    assert "minilm" in results["models"]
+    assert results["machine"]["cpus"] >= 1 and "--quick --out " + str(out) in results["command"]
+
+    rows = {r["name"]: r for r in results["models"]["minilm"]["variants"]}
+    fp32 = rows["fp32"]
+    assert fp32["status"] == "ok" and fp32["metrics"]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert fp32["rel_err"] == 0.0
+
+    peer = rows["ort-nbits 4b b32"]
+    assert peer["family"] == "peer"
+    if peer["status"] == "ok":
+        # 4-bit codes + fp32 scale + 4-bit zero point per 32 weights
+        assert peer["bpw"] == pytest.approx(4 + 32 / 32 + 4 / 32, abs=1e-6)
+        assert peer["metrics"]["mean_cosine"] > 0.9
+    else:
+        assert peer["note"], "a peer that did not run must say why"
+
+    rtn = rows["qsdonnx rtn 4b"]
+    assert rtn["status"] == "ok", rtn.get("note")
+    assert rtn["bpw"] == pytest.approx(4.5, abs=0.3)
+    assert rtn["metrics"]["mean_cosine"] > 0.9
+    assert rtn["file_bytes"] < 0.3 * fp32["file_bytes"]
+
+    gptq = rows["qsdonnx gptq 3.0bpw"]
+    assert gptq["status"] == "ok" or gptq["note"], "a failed variant must keep its error"
+
+    table = (out / "minilm.md").read_text()
+    assert "| fp32 |" in table and "| qsdonnx rtn 4b |" in table and "| ort-nbits 4b b32 |" in table
+    assert "## minilm" in proc.stdout
