@@ -115,7 +115,7 @@ def quantize_with_grid(W: np.ndarray, scales: np.ndarray, zero_points: Optional[
                            bits=bits, block_size=block_size, scale_dtype=scale_dtype)
 
 
-CLIP_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 17), 4))
+CLIP_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 9), 4))
 
 
 def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str

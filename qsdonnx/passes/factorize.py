@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..factorize.budget import lowrank_nbytes, qsd_nbytes, rank_for_budget, rtn_nbytes
-from ..factorize.linalg import weighted_error
+from ..factorize.linalg import weighted_error_fast
 from ..factorize.lplr import lplr_factorize
 from ..factorize.rtn import rtn_factorize
 from ..factorize.svd import svd_factorize
@@ -234,9 +234,13 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
     return [LayerChoice(method, bits, blk, r) for r in sorted(ranks)]
 
 
-def relative_error(W: np.ndarray, What: np.ndarray, H: Optional[np.ndarray]) -> float:
-    """``tr(ΔᵀHΔ) / tr(WᵀHW)``: the layer's relative output error² (Frobenius when no H)."""
-    return weighted_error(W, What, H) / max(weighted_error(W, np.zeros_like(W), H), 1e-30)
+def relative_error(W: np.ndarray, What: np.ndarray, H: Optional[np.ndarray],
+                   energy: Optional[float] = None) -> float:
+    """``tr(ΔᵀHΔ) / tr(WᵀHW)``: the layer's relative output error² (Frobenius when no H);
+    ``energy`` is ``tr(WᵀHW)`` when already known."""
+    if energy is None:
+        energy = weighted_error_fast(W, np.zeros_like(W), H)
+    return weighted_error_fast(W, What, H) / max(energy, 1e-30)
 
 
 class GlobalPlanPass(Pass):
@@ -259,6 +263,7 @@ class GlobalPlanPass(Pass):
             W = ctx.weights[rec.name]
             H = ctx.calibration.get(rec.name, {}).get("H")
             K, N = rec.matrix_shape
+            energy = weighted_error_fast(W, np.zeros_like(W), H)
             cands = []
             dense_of = []  # reconstructions, kept only until the sensitivity probe is chosen
             for choice in candidate_choices(rec, cfg, H is not None):
@@ -273,12 +278,12 @@ class GlobalPlanPass(Pass):
                     est = run_choice(W, LayerChoice(proxy, choice.bits, choice.block_size, choice.rank),
                                      cfg, None, rec.dtype)
                     dense_of.append(est.dense())
-                    cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, dense_of[-1], H),
+                    cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, dense_of[-1], H, energy),
                                            payload=(choice, None)))
                     continue
                 f = run_choice(W, choice, cfg, H, rec.dtype)
                 dense_of.append(f.dense())
-                cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, dense_of[-1], H),
+                cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, dense_of[-1], H, energy),
                                        payload=(choice, f)))
             if not cands:
                 rec.skip("no compressed setting is smaller than the original")
