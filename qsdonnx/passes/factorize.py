@@ -22,6 +22,7 @@ from .base import Context, Pass, WeightRecord
 log = logging.getLogger("qsdonnx")
 
 QUANT_ONLY_VIEWS = ("conv-grouped", "embedding")
+CALDERA_FACTOR_BITS = 4  # CALDERA's low-rank factors; --bits sets the backbone Q
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class LayerChoice:
                                      cfg.scale_dtype, dense_dtype=dense_dtype)
         if self.method == "caldera":
             return (rtn_nbytes(K, N, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
-                    + lowrank_nbytes(K, N, self.rank, c, c, self.block_size, cfg.symmetric, cfg.scale_dtype))
+                    + lowrank_nbytes(K, N, self.rank, CALDERA_FACTOR_BITS, CALDERA_FACTOR_BITS, self.block_size,
+                                     cfg.symmetric, cfg.scale_dtype))
         if self.method == "qsd" and cfg.sparsity > 0:
             return qsd_nbytes(K, N, self.rank, c, self.block_size, cfg.sparsity, cfg.symmetric, cfg.scale_dtype)
         return lowrank_nbytes(K, N, self.rank, c, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
@@ -154,10 +156,11 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
         return svd_factorize(W, choice.rank, dtype=dense_dtype)
     if m == "lplr":
         return lplr_factorize(W, choice.rank, choice.bits, choice.bits, seed=cfg.seed, **common)
-    if m == "caldera":
+    if m in ("caldera", "caldera-fast"):
         from ..factorize.caldera import caldera_factorize
         return caldera_factorize(W, H if H is not None else np.eye(W.shape[0], dtype=np.float32),
-                                    choice.rank, choice.bits, choice.bits, iters=3, lr_iters=1, **common)
+                                 choice.rank, choice.bits, CALDERA_FACTOR_BITS,
+                                 iters=1 if m == "caldera-fast" else 3, lr_iters=1, **common)
     if m == "qsd":
         from ..factorize.qsd import qsd_factorize
         return qsd_factorize(W, H, choice.rank, choice.bits, sparsity=cfg.sparsity, seed=cfg.seed, **common)
@@ -199,7 +202,7 @@ PLAN_BLOCKS = (32, 64, 128)
 PLAN_RANK_BPW = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # low-rank candidates: ranks spending these bpw
 
 
-PROXIES = {"gptq": "rtn", "qsd": "lplr"}
+PROXIES = {"gptq": "rtn", "qsd": "lplr", "caldera": "caldera-fast"}
 
 
 def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> list[LayerChoice]:
@@ -224,14 +227,17 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
         out += [LayerChoice(quant, b, blk) for b in PLAN_BITS for blk in blocks]
         return out
     bits = ov.bits if ov and ov.bits else cfg.bits
+    # CALDERA's backbone: 2 bits with a low-rank correction is its point; 4 bits as a step up.
+    q_bits = (bits,) if method != "caldera" or (ov and ov.bits) else (2, 4)
     blk = effective_block(cfg.block_size, K)
-    ranks = set()
     ladder = PLAN_RANK_BPW + ((cfg.bits_per_weight,) if cfg.bits_per_weight else ())
-    for bpw in ladder:
-        r = rank_for_budget(K, N, bpw, lambda r: LayerChoice(method, bits, blk, r).nbytes(K, N, cfg, rec.dtype))
-        if r >= 1:
-            ranks.add(r)
-    return [LayerChoice(method, bits, blk, r) for r in sorted(ranks)]
+    found = set()
+    for qb in q_bits:
+        for bpw in ladder:
+            r = rank_for_budget(K, N, bpw, lambda r: LayerChoice(method, qb, blk, r).nbytes(K, N, cfg, rec.dtype))
+            if r >= 1:
+                found.add((qb, r))
+    return [LayerChoice(method, qb, blk, r) for qb, r in sorted(found)]
 
 
 def relative_error(W: np.ndarray, What: np.ndarray, H: Optional[np.ndarray],
@@ -276,7 +282,7 @@ class GlobalPlanPass(Pass):
                     # predicted from a fast method on the same grid and rank that it improves on
                     # (GPTQ from round-to-nearest, QSD from LPLR), and only the chosen one is run.
                     est = run_choice(W, LayerChoice(proxy, choice.bits, choice.block_size, choice.rank),
-                                     cfg, None, rec.dtype)
+                                     cfg, H if proxy == "caldera-fast" else None, rec.dtype)
                     dense_of.append(est.dense())
                     cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, dense_of[-1], H, energy),
                                            payload=(choice, None)))
