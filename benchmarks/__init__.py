@@ -1,0 +1,1 @@
+"""Benchmarks of qsdonnx against peer ONNX weight quantizers: ``python -m benchmarks.run``."""

@@ -1,0 +1,4 @@
+"""``python -m benchmarks`` is ``python -m benchmarks.run``."""
+from benchmarks.run import main
+
+raise SystemExit(main())
