@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from qsdonnx.graph import consumed_names
+
 # Ops whose constant operand is a weight, and which operand that is.
 WEIGHT_OPERANDS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "Gather": (0,)}
 MIN_WEIGHT_ELEMENTS = 4096
@@ -89,24 +91,6 @@ def weight_names(model: onnx.ModelProto, min_elements: int = MIN_WEIGHT_ELEMENTS
             if numel >= min_elements:
                 found[node.input[idx]] = numel
     return found
-
-
-def consumed_names(model: onnx.ModelProto) -> set[str]:
-    """Every tensor name some node of the model (subgraphs included) reads, plus graph outputs."""
-    names = {o.name for o in model.graph.output}
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            names.update(node.input)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for g in attr.graphs:
-                        walk(g)
-
-    walk(model.graph)
-    return names
 
 
 def replaced_weight_stats(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:

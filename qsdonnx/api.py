@@ -51,7 +51,7 @@ def _lowering(cfg: OptimizeConfig):
         from .passes.lower_nbits import LowerNbitsPass
         return LowerNbitsPass(cfg.accuracy_level)
     from .passes.lower_fused import LowerFusedPass
-    return LowerFusedPass()
+    return LowerFusedPass(cfg.accuracy_level)
 
 
 def _should_spend_more(ctx: Context, planner) -> bool:

@@ -124,8 +124,8 @@ class GraphEdit:
         remove_unused_initializers(self.model)
 
 
-def remove_unused_initializers(model: onnx.ModelProto) -> list[str]:
-    """Drop initializers no node (in any subgraph) and no graph output refers to."""
+def consumed_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor name a node of the model (subgraphs included) reads, plus graph outputs."""
     used: set[str] = {o.name for o in model.graph.output}
 
     def visit(graph: onnx.GraphProto) -> None:
@@ -139,6 +139,12 @@ def remove_unused_initializers(model: onnx.ModelProto) -> list[str]:
                         visit(g)
 
     visit(model.graph)
+    return used
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> list[str]:
+    """Drop initializers no node (in any subgraph) and no graph output refers to."""
+    used = consumed_names(model)
     keep = [t for t in model.graph.initializer if t.name in used]
     dropped = [t.name for t in model.graph.initializer if t.name not in used]
     if dropped:

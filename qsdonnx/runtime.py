@@ -51,7 +51,7 @@ INPUT_NAMES = (
 )
 ATTRIBUTE_NAMES = (
     "K", "N", "q_bits", "q_block", "rank", "l_bits", "l_block", "r_bits", "r_block",
-    "has_sparse", "has_bias",
+    "has_sparse", "has_bias", "act_int8",
 )
 
 _OPT_LEVELS = {

@@ -35,6 +35,9 @@ def fused_unsupported(em: QdqEmitter) -> str:
 class LowerFusedPass(LowerQdqPass):
     name = "lower-fused"
 
+    def __init__(self, accuracy_level: int = 0):
+        self.accuracy_level = accuracy_level
+
     def _packed(self, em: QdqEmitter, label: str, m: QuantizedMatrix) -> list[str]:
         B, scales, zp = to_matmulnbits(m)
         return [
@@ -61,7 +64,7 @@ class LowerFusedPass(LowerQdqPass):
         if "fused_inputs" not in em._cache:
             inputs = [""] * 13
             op_attrs = dict(K=K, N=N, q_bits=0, q_block=0, rank=0, l_bits=0, l_block=0, r_bits=0, r_block=0,
-                            has_sparse=0, has_bias=0)
+                            has_sparse=0, has_bias=0, act_int8=1 if self.accuracy_level >= 4 else 0)
             if f.q is not None:
                 inputs[1:4] = self._packed(em, "Q", f.q)
                 op_attrs.update(q_bits=container_bits(f.q.bits), q_block=f.q.block_size)
