@@ -57,6 +57,8 @@ def cli(verbose: int) -> None:
 @click.option("--min-elements", type=int, default=4096, show_default=True,
               help="Weights with fewer elements are left as they are.")
 @click.option("--no-embeddings", is_flag=True, help="Do not compress Gather embedding tables.")
+@click.option("--no-clip-search", is_flag=True,
+              help="rtn: use each block's min/max range instead of the MSE-best clipped range.")
 @click.option("--no-sensitivity", is_flag=True,
               help="Plan on per-layer errors alone, without measuring each weight's end-to-end effect.")
 @click.option("--calib", type=click.Path(exists=False, path_type=Path), default=None,
@@ -80,7 +82,7 @@ def cli(verbose: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="Print only the totals.")
 def optimize(model, output, method, bits, block_size, symmetric, scale_dtype, rank, sparsity, bits_per_weight, fmt,
-             exclude, overrides, min_elements, no_embeddings, no_sensitivity, calib, calib_batch, calib_samples, inputs,
+             exclude, overrides, min_elements, no_embeddings, no_clip_search, no_sensitivity, calib, calib_batch, calib_samples, inputs,
              input_shapes, num_inputs, max_rel_error, keep_on_fail, no_validate, accuracy_level, report_path,
              seed, quiet) -> None:
     """Compress MODEL and write the result to --output."""
@@ -89,7 +91,7 @@ def optimize(model, output, method, bits, block_size, symmetric, scale_dtype, ra
             method=method, bits=int(bits), block_size=block_size, symmetric=symmetric,
             scale_dtype=scale_dtype, rank=rank, sparsity=sparsity, bits_per_weight=bits_per_weight, format=fmt,
             exclude=tuple(exclude), overrides=tuple(parse_override(o) for o in overrides),
-            min_elements=min_elements, compress_embeddings=not no_embeddings, sensitivity=not no_sensitivity, calib=calib,
+            min_elements=min_elements, compress_embeddings=not no_embeddings, clip_search=not no_clip_search, sensitivity=not no_sensitivity, calib=calib,
             calib_batch=calib_batch, calib_samples=calib_samples, validate=not no_validate, inputs=inputs,
             input_shapes=tuple(parse_input_shape(s) for s in input_shapes), num_inputs=num_inputs,
             max_rel_error=max_rel_error, keep_on_fail=keep_on_fail, report=report_path, seed=seed,

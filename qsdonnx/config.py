@@ -61,6 +61,7 @@ class OptimizeConfig:
     min_elements: int = 4096
     compress_embeddings: bool = True
     sparsity: float = 0.0  # QSD: fraction of each factor column set to zero
+    clip_search: bool = True  # RTN grids: MSE-best clipped range per block instead of min/max
     sensitivity: bool = True  # weight the planner's per-layer errors by measured end-to-end effect
     # calibration
     calib: Optional[Path] = None

@@ -148,7 +148,7 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
     m = choice.method
     common = dict(block_size=choice.block_size, symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype)
     if m == "rtn" or (m == "gptq" and H is None):
-        return rtn_factorize(W, choice.bits, **common)
+        return rtn_factorize(W, choice.bits, clip_search=cfg.clip_search, **common)
     if m == "gptq":
         from ..factorize.gptq import gptq_factorize
         return gptq_factorize(W, H, choice.bits, **common)

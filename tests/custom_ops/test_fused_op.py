@@ -421,13 +421,20 @@ for name in ("all_parts", "q2_k520_b64", "q8_k100_b32", "lowrank_2bit"):
         x = np.random.default_rng(M).normal(size=(M, case["K"])).astype(np.float32)
         y = runtime.session(t.build_model(case, x.shape)).run(None, {{"X": x}})[0]
         t.assert_close(y, t.reference(case, x))
+for name in ("q4_k384_n200_b32", "all_parts", "all_parts_2bit", "lowrank_2bit", "q4_k90_b18"):
+    case = t.make_case(19, **t.INT8_CASES[name])
+    for M in (1, 7, 130):
+        x = np.random.default_rng(M).normal(size=(M, case["K"])).astype(np.float32)
+        y = runtime.session(t.build_model_int8(case, x.shape)).run(None, {{"X": x}})[0]
+        t.assert_close(y, t.reference_int8(case, x), rtol=1e-4)
 print("ok")
 """
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2"])
 def test_instruction_set_variants(ops_lib, isa):
-    """The baseline and AVX2 code paths (the default picks the best available)."""
+    """The baseline and AVX2 code paths (the default picks the best available),
+    float and int8 activations."""
     import subprocess
     import sys
     from pathlib import Path
@@ -438,3 +445,123 @@ def test_instruction_set_variants(ops_lib, isa):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+# --------------------------------------------------------------------------
+# int8 activations (act_int8 = 1)
+# --------------------------------------------------------------------------
+
+def quantize_activations(a: np.ndarray, block: int):
+    """Per-row, per-block symmetric int8 quantization as the CPU kernel does it:
+    q = round-half-even(a * (127 / absmax)) in float32, scale = absmax / 127."""
+    a = np.asarray(a, dtype=np.float32)
+    rows, depth = a.shape
+    q = np.zeros((rows, depth), dtype=np.int64)
+    scale = np.zeros((rows, depth), dtype=np.float64)
+    for k0 in range(0, depth, block):
+        blk = a[:, k0:k0 + block]
+        amax = np.abs(blk).max(axis=1)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        q[:, k0:k0 + block] = np.clip(np.rint(blk * inv[:, None]), -127, 127)
+        scale[:, k0:k0 + block] = (amax / np.float32(127)).astype(np.float32)[:, None]
+    return q, scale
+
+
+def int8_product(a: np.ndarray, f: QuantFactor) -> np.ndarray:
+    """quant(a) . deq(f): exact integer dot products per block, scaled per block."""
+    q, sa = quantize_activations(a, f.block)
+    y = np.zeros((a.shape[0], f.cols))
+    for b, k0 in enumerate(range(0, f.depth, f.block)):
+        w = (f.codes[:, k0:k0 + f.block] - f.zp[:, b:b + 1]).T  # (count, cols), integers
+        dot = q[:, k0:k0 + f.block] @ w
+        y += dot * sa[:, k0:k0 + 1] * f.scales[:, b].astype(np.float64)[None, :]
+    return y
+
+
+def reference_int8(case, x: np.ndarray) -> np.ndarray:
+    """The reference with the int8-activation product for parts of <= 4 bits."""
+    K, N = case["K"], case["N"]
+    x2 = x.reshape(-1, K)
+    y = np.zeros((x2.shape[0], N))
+    x64 = x2.astype(np.float64)
+
+    def product(a, f):
+        return int8_product(a, f) if f.bits <= 4 else a.astype(np.float64) @ f.dense()
+
+    if case["Q"] is not None:
+        y += product(x2, case["Q"])
+    if case["L"] is not None:
+        t = product(x2, case["L"]).astype(np.float32)
+        y += product(t, case["R"])
+    if case["S"] is not None:
+        y += x64 @ case["S"].dense()
+    if case["bias"] is not None:
+        y += case["bias"].astype(np.float64)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def build_model_int8(case, x_shape) -> onnx.ModelProto:
+    model = build_model(case, x_shape)
+    model.graph.node[0].attribute.append(helper.make_attribute("act_int8", 1))
+    return model
+
+
+INT8_CASES = {name: CASES[name] for name in (
+    "q2_k100_b32", "q4_k100_b32", "q8_k100_b32", "q4_k96_b16", "q4_k200_b128", "q2_k520_b64",
+    "q4_default_zp", "q4_k100_b24", "q2_k64_b12", "q4_k1000_b512", "lowrank_only",
+    "lowrank_2bit", "all_parts", "all_parts_2bit")}
+INT8_CASES["q4_k384_n200_b32"] = dict(K=384, N=200, q=(4, 32), bias=True)
+INT8_CASES["q4_k90_b18"] = dict(K=90, N=21, q=(4, 18))
+
+
+@pytest.mark.parametrize("M", [1, 5, 37, 130])
+@pytest.mark.parametrize("name", sorted(INT8_CASES))
+def test_int8_activations(ops_lib, name, M):
+    case = make_case(zlib.crc32(name.encode()) % 1000 + M, **INT8_CASES[name])
+    x = np.random.default_rng(M + 100).normal(size=(M, case["K"])).astype(np.float32)
+    x[0, :7] = 0.0  # a block of zeros when the block is small
+    y = run_model(build_model_int8(case, x.shape), x)
+    assert_close(y, reference_int8(case, x), rtol=1e-4)
+    exact = reference(case, x)
+    err = np.abs(y - exact).max() / np.abs(exact).max()
+    assert err < 2e-2, err
+
+
+def test_int8_activations_threads(ops_lib):
+    case = make_case(12, K=384, N=300, q=(4, 32), lr=(32, 4, 32, 4, 32), sparse=True, bias=True)
+    model = build_model_int8(case, ("batch", case["K"]))
+    sess1 = runtime.session(model.SerializeToString(), intra_op_num_threads=1)
+    sess2 = runtime.session(model.SerializeToString(), intra_op_num_threads=2)
+    for M in (1, 4, 129, 300):
+        x = np.random.default_rng(M).normal(size=(M, case["K"])).astype(np.float32)
+        y1 = sess1.run(None, {"X": x})[0]
+        y2 = sess2.run(None, {"X": x})[0]
+        assert_close(y1, reference_int8(case, x), rtol=1e-4)
+        np.testing.assert_array_equal(y1, y2)
+
+
+def test_int8_attribute_is_checked(ops_lib):
+    case = make_case(5, K=64, N=16, q=(4, 32))
+    model = build_model_int8(case, (2, 64))
+    model.graph.node[0].attribute[-1].i = 2
+    with pytest.raises(Exception, match="act_int8"):
+        run_model(model, np.ones((2, 64), dtype=np.float32))
+
+
+def test_int8_activations_weights_as_inputs(ops_lib):
+    """Weights fed at run time (not constant) are decoded at every call."""
+    case = make_case(13, K=96, N=40, q=(4, 32), lr=(16, 2, 16, 4, 32), bias=True)
+    x = np.random.default_rng(3).normal(size=(9, 96)).astype(np.float32)
+    model = build_model_int8(case, x.shape)
+    feeds = {"X": x}
+    for name in ("Q_B", "L_B", "R_scales"):
+        init = next(i for i in model.graph.initializer if i.name == name)
+        arr = numpy_helper.to_array(init)
+        model.graph.initializer.remove(init)
+        model.graph.input.append(helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+        feeds[name] = arr
+    sess = runtime.session(model.SerializeToString())
+    y = sess.run(None, feeds)[0]
+    assert_close(y, reference_int8(case, x), rtol=1e-4)
