@@ -19,6 +19,13 @@ const char* const kInputNames[kNumInputs] = {
     "X", "Q_B", "Q_scales", "Q_zp", "L_B", "L_scales", "L_zp",
     "R_B", "R_scales", "R_zp", "S_rowptr", "S_cols", "S_vals", "bias"};
 
+// Releases a status; true when there was none.
+bool Ok(const OrtApi& api, OrtStatus* st) {
+  if (st == nullptr) return true;
+  api.ReleaseStatus(st);
+  return false;
+}
+
 struct TensorView {
   const void* data = nullptr;
   std::vector<int64_t> dims;
@@ -223,6 +230,7 @@ OrtStatus* ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, Attribut
   QSD_RETURN_IF_ERROR(GetIntAttr(api, info, "r_block", false, &a->r_block));
   QSD_RETURN_IF_ERROR(GetIntAttr(api, info, "has_sparse", false, &a->has_sparse));
   QSD_RETURN_IF_ERROR(GetIntAttr(api, info, "has_bias", false, &a->has_bias));
+  QSD_RETURN_IF_ERROR(GetIntAttr(api, info, "act_int8", false, &a->act_int8));
   if (a->K <= 0 || a->N <= 0) {
     std::ostringstream os;
     os << "QsdMatMul: attributes K = " << a->K << " and N = " << a->N << " must be positive";
@@ -239,7 +247,65 @@ OrtStatus* ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, Attribut
   if ((a->has_sparse != 0 && a->has_sparse != 1) || (a->has_bias != 0 && a->has_bias != 1)) {
     return MakeError(api, "QsdMatMul: attributes has_sparse and has_bias must be 0 or 1");
   }
+  if (a->act_int8 != 0 && a->act_int8 != 1) {
+    return MakeError(api, "QsdMatMul: attribute act_int8 must be 0 or 1");
+  }
   return nullptr;
+}
+
+namespace {
+
+// The constant tensor at `index`: returns false if the input is absent, not
+// constant or not readable. `*absent` tells an absent optional input apart.
+bool ConstantTensor(const OrtApi& api, const OrtKernelInfo* info, size_t index, bool* absent,
+                    TensorView* out) {
+  *absent = false;
+  size_t count = 0;
+  if (!Ok(api, api.KernelInfo_GetInputCount(info, &count))) return false;
+  if (index >= count) {
+    *absent = true;
+    return false;
+  }
+  size_t len = 0;
+  if (!Ok(api, api.KernelInfo_GetInputName(info, index, nullptr, &len))) return false;
+  if (len <= 1) {  // the name is empty: the optional input is not given
+    *absent = true;
+    return false;
+  }
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  if (!Ok(api, api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value)) ||
+      !is_constant || value == nullptr) {
+    return false;
+  }
+  return Ok(api, Describe(api, value, out));
+}
+
+}  // namespace
+
+bool ConstantQuant(const OrtApi& api, const OrtKernelInfo* info, int first, int64_t bits,
+                   int64_t block, int64_t depth, int64_t cols, QuantMatrix* m) {
+  SetupQuant(m, bits, block, depth, cols);
+  TensorView codes, scales, zp;
+  bool absent = false;
+  if (!ConstantTensor(api, info, first, &absent, &codes) ||
+      codes.type != InputType(first) || codes.count != cols * m->col_bytes) {
+    return false;
+  }
+  if (!ConstantTensor(api, info, first + 1, &absent, &scales) ||
+      scales.type != InputType(first + 1) || scales.count != cols * m->kb) {
+    return false;
+  }
+  const bool have_zp = ConstantTensor(api, info, first + 2, &absent, &zp);
+  if (have_zp) {
+    if (zp.type != InputType(first + 2) || zp.count != cols * m->zp_stride) return false;
+    m->zp = static_cast<const uint8_t*>(zp.data);
+  } else if (!absent) {
+    return false;
+  }
+  m->codes = static_cast<const uint8_t*>(codes.data);
+  m->scales = static_cast<const uint16_t*>(scales.data);
+  return true;
 }
 
 OrtStatus* BindProblem(const OrtApi& api, OrtKernelContext* ctx, const Attributes& a,
@@ -248,6 +314,7 @@ OrtStatus* BindProblem(const OrtApi& api, OrtKernelContext* ctx, const Attribute
   p->K = a.K;
   p->N = a.N;
   p->rank = a.rank;
+  p->act_int8 = a.act_int8 != 0;
 
   TensorView x;
   QSD_RETURN_IF_ERROR(RequireInput(api, ctx, kX, &x, "it is always required"));

@@ -46,6 +46,10 @@ struct Attributes {
   int64_t r_block = 0;
   int64_t has_sparse = 0;
   int64_t has_bias = 0;
+  // 1: the CPU kernel quantizes the activations to int8 for the parts with
+  // codes of at most 4 bits (qsd_cpu_int8.h); the CUDA kernel computes in
+  // float either way.
+  int64_t act_int8 = 0;
 };
 
 // A block-quantized matrix of shape (depth, cols) used as A . B.
@@ -89,6 +93,7 @@ struct Problem {
   QuantMatrix r;   // (rank, N)
   SparseMatrix s;  // (K, N)
   const float* bias = nullptr;
+  bool act_int8 = false;
 };
 
 // Reads and checks the attributes. Returns nullptr or an error status.
@@ -98,6 +103,12 @@ OrtStatus* ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, Attribut
 // attributes. Allocates the output. Returns nullptr or an error status.
 OrtStatus* BindProblem(const OrtApi& api, OrtKernelContext* ctx, const Attributes& attrs,
                        Problem* out);
+
+// Describes the quantized matrix at inputs first..first+2 from the kernel
+// info when its codes, scales and (if given) zero points are constant host
+// tensors of the sizes the attributes require. Returns false otherwise.
+bool ConstantQuant(const OrtApi& api, const OrtKernelInfo* info, int first, int64_t bits,
+                   int64_t block, int64_t depth, int64_t cols, QuantMatrix* out);
 
 // Checks the structure of a CSR matrix that lives in host memory.
 OrtStatus* CheckSparseHost(const OrtApi& api, const SparseMatrix& s);

@@ -13,7 +13,9 @@
 // run time (QSDONNX_CPU_ISA=base|avx2 caps the choice). The low-rank term is
 // computed as T = X . deq(L) first and then enters the output as a second
 // operand T . deq(R) of the same product. The sparse term is added afterwards
-// from the CSR rows, the bias when the output is initialized.
+// from the CSR rows, the bias when the output is initialized. With the
+// attribute act_int8, the parts with codes of at most 4 bits use the
+// int8-activation product of qsd_cpu_int8.cc instead.
 #include "qsd_cpu.h"
 
 #include <algorithm>
@@ -25,6 +27,8 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+#include "qsd_cpu_int8.h"
 
 namespace qsd {
 namespace {
@@ -562,17 +566,27 @@ void AddSparse(const Problem& p, const ParallelRunner& par) {
 
 }  // namespace
 
-void ComputeCpu(const Problem& p, const ParallelRunner& par) {
+void ComputeCpu(const Problem& p, const ParallelRunner& par, const CpuPrepacked* pre) {
   if (p.M <= 0) return;
+  // With act_int8, the parts with codes of at most 4 bits take the int8
+  // product and are added after the float parts (and the bias).
+  const bool q8 = p.act_int8 && p.q.present() && Int8Eligible(p.q);
+  const bool l8 = p.act_int8 && p.rank > 0 && Int8Eligible(p.l);
+  const bool r8 = p.act_int8 && p.rank > 0 && Int8Eligible(p.r);
   std::vector<float> t;
   Operand ops[2];
   int nops = 0;
-  if (p.q.present()) ops[nops++] = Operand{p.x, p.K, &p.q};
+  if (p.q.present() && !q8) ops[nops++] = Operand{p.x, p.K, &p.q};
   if (p.rank > 0) {
     t.assign(static_cast<size_t>(p.M * p.rank), 0.0f);
-    const Operand lop{p.x, p.K, &p.l};
-    TiledProduct(&lop, 1, p.M, p.rank, nullptr, t.data(), par);
-    ops[nops++] = Operand{t.data(), p.rank, &p.r};
+    if (l8) {
+      Int8Accumulate(p.x, p.K, p.M, p.l, t.data(), p.rank, par,
+                     pre != nullptr ? pre->l.get() : nullptr);
+    } else {
+      const Operand lop{p.x, p.K, &p.l};
+      TiledProduct(&lop, 1, p.M, p.rank, nullptr, t.data(), par);
+    }
+    if (!r8) ops[nops++] = Operand{t.data(), p.rank, &p.r};
   }
   if (nops > 0) {
     TiledProduct(ops, nops, p.M, p.N, p.bias, p.y, par);
@@ -586,7 +600,48 @@ void ComputeCpu(const Problem& p, const ParallelRunner& par) {
       }
     }
   }
+  if (q8) {
+    Int8Accumulate(p.x, p.K, p.M, p.q, p.y, p.N, par, pre != nullptr ? pre->q.get() : nullptr);
+  }
+  if (r8) {
+    Int8Accumulate(t.data(), p.rank, p.M, p.r, p.y, p.N, par,
+                   pre != nullptr ? pre->r.get() : nullptr);
+  }
   if (p.s.present && p.s.nnz > 0) AddSparse(p, par);
+}
+
+namespace {
+
+class SerialRunner : public ParallelRunner {
+ public:
+  void For(size_t n, const std::function<void(size_t)>& fn) const override {
+    for (size_t i = 0; i < n; ++i) fn(i);
+  }
+};
+
+// The int8 weights of one part when its inputs are constant, else empty.
+std::shared_ptr<const Int8Weights> PrepackPart(const OrtApi& api, const OrtKernelInfo* info,
+                                               int first, int64_t bits, int64_t block,
+                                               int64_t depth, int64_t cols) {
+  QuantMatrix m;
+  if (bits <= 0 || !ConstantQuant(api, info, first, bits, block, depth, cols, &m) ||
+      !Int8Eligible(m)) {
+    return nullptr;
+  }
+  return DecodeInt8Weights(m, SerialRunner());
+}
+
+}  // namespace
+
+void PrepackCpu(const OrtApi& api, const OrtKernelInfo* info, const Attributes& a,
+                CpuPrepacked* out) {
+  *out = CpuPrepacked();
+  if (!a.act_int8) return;
+  if (a.q_bits != 0) out->q = PrepackPart(api, info, kQB, a.q_bits, a.q_block, a.K, a.N);
+  if (a.rank > 0) {
+    out->l = PrepackPart(api, info, kLB, a.l_bits, a.l_block, a.K, a.rank);
+    out->r = PrepackPart(api, info, kRB, a.r_bits, a.r_block, a.rank, a.N);
+  }
 }
 
 }  // namespace qsd

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "qsd_common.h"
+#include "qsd_cpu.h"
 
 namespace qsd {
 
@@ -14,6 +15,7 @@ struct KernelState {
   const OrtApi* api = nullptr;
   Attributes attrs;
   ComputeFn compute = nullptr;
+  CpuPrepacked cpu;  // CPU kernel only
 };
 
 struct QsdOp : OrtCustomOp {

@@ -56,6 +56,9 @@ OrtStatusPtr ORT_API_CALL CreateKernelV2(const OrtCustomOp* op, const OrtApi* ap
     state->compute = static_cast<const QsdOp*>(op)->compute_;
     OrtStatus* st = ReadAttributes(*api, info, &state->attrs);
     if (st != nullptr) return st;
+    if (static_cast<const QsdOp*>(op)->provider_ == nullptr) {
+      PrepackCpu(*api, info, state->attrs, &state->cpu);
+    }
     *kernel = state.release();
     return nullptr;
   } catch (const std::exception& e) {
@@ -103,7 +106,7 @@ OrtStatus* ComputeOnCpu(const KernelState& state, OrtKernelContext* ctx) {
   st = CheckSparseHost(api, p.s);
   if (st != nullptr) return st;
   OrtParallel par(api, ctx);
-  ComputeCpu(p, par);
+  ComputeCpu(p, par, &state.cpu);
   return nullptr;
 }
 
