@@ -173,10 +173,12 @@ def qsdonnx_specs(args) -> list[dict]:
 
         have_ops = find_ops_library() is not None
         for method in args.format_methods:
-            for fmt in ("nbits", "fused"):
-                spec = {"label": f"qsdonnx {method} {FORMAT_BUDGET:.1f}bpw {fmt}", "method": method,
+            # "fused int8": the fused op with int8 activations (--accuracy-level 4).
+            for label, fmt, level in (("nbits", "nbits", 0), ("fused", "fused", 0), ("fused int8", "fused", 4)):
+                spec = {"label": f"qsdonnx {method} {FORMAT_BUDGET:.1f}bpw {label}", "method": method,
                         "format": fmt, "budget": FORMAT_BUDGET, "calib": True,
-                        "options": {"method": method, "bits_per_weight": FORMAT_BUDGET, "format": fmt}}
+                        "options": {"method": method, "bits_per_weight": FORMAT_BUDGET, "format": fmt,
+                                    "accuracy_level": level}}
                 if fmt == "fused" and not have_ops:
                     spec["unavailable"] = "custom-op library not built (run `qsdonnx build-ops`)"
                 specs.append(spec)
