@@ -7,7 +7,6 @@ a Gather table gathers the packed codes of the requested rows and dequantizes on
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -16,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from ..factorize.packing import pack_bits
 from ..factorize.types import DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix
-from ..graph import GraphEdit, node_key, container_bits, float_tensor, int_tensor, tensor_nbytes
+from ..graph import GraphEdit, node_key, container_bits, float_tensor, int_tensor
 from .base import Context, Pass, WeightRecord
 from .canonicalize import node_attrs
 
