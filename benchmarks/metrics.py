@@ -11,6 +11,8 @@ fresh process per model.
 """
 from __future__ import annotations
 
+import abc
+
 import argparse
 import json
 import os
@@ -96,7 +98,7 @@ def worst_rel_l2(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
     return max(rel_l2(r, g) for r, g in zip(ref, got))
 
 
-class Task:
+class Task(abc.ABC):
     """One model's evaluation: its outputs on the eval data, the task metric and how to show it."""
 
     name: str
@@ -104,17 +106,21 @@ class Task:
     metric_label: str
     higher_is_better: bool
 
+    @abc.abstractmethod
     def outputs(self, sess) -> list[np.ndarray]:
-        raise NotImplementedError
+        """The model's outputs on the evaluation data."""
 
+    @abc.abstractmethod
     def score(self, ref_outputs: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
-        raise NotImplementedError
+        """The task metric of ``outputs`` against the fp32 ``ref_outputs``."""
 
+    @abc.abstractmethod
     def format_metric(self, m: dict, fp32: dict) -> str:
-        raise NotImplementedError
+        """One table cell for the metric."""
 
+    @abc.abstractmethod
     def latency_feeds(self) -> dict[str, dict[str, np.ndarray]]:
-        raise NotImplementedError
+        """Named input batches for the latency columns."""
 
 
 class MiniLMTask(Task):
