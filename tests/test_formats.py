@@ -21,12 +21,15 @@ def _mlp_model() -> onnx.ModelProto:
     W1 = (rng.standard_normal((128, 256)) * 0.05).astype(np.float32)
     W2 = (rng.standard_normal((192, 256)) * 0.05).astype(np.float32)  # Gemm transB
     C2 = rng.standard_normal(192).astype(np.float32)
-    nodes = [h.make_node("MatMul", ["x", "W1"], ["a"], name="mm"),
+    b1 = rng.standard_normal(256).astype(np.float32)
+    nodes = [h.make_node("MatMul", ["x", "W1"], ["m"], name="mm"),
+             h.make_node("Add", ["m", "b1"], ["a"], name="bias"),
              h.make_node("Relu", ["a"], ["r"], name="relu"),
              h.make_node("Gemm", ["r", "W2", "C2"], ["y"], name="gemm", transB=1, alpha=0.7, beta=1.5)]
     g = h.make_graph(nodes, "mlp", [h.make_tensor_value_info("x", T.FLOAT, ["n", 128])],
                      [h.make_tensor_value_info("y", T.FLOAT, ["n", 192])],
-                     [nh.from_array(W1, "W1"), nh.from_array(W2, "W2"), nh.from_array(C2, "C2")])
+                     [nh.from_array(W1, "W1"), nh.from_array(W2, "W2"), nh.from_array(C2, "C2"),
+                      nh.from_array(b1, "b1")])
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
@@ -66,6 +69,8 @@ def test_fused_matches_qdq(case):
     ref = _run(_compress(model, "qdq", **case), x, LEVELS[0])
     fused = _compress(model, "fused", **case)
     assert sum(n.op_type == "QsdMatMul" for n in fused.graph.node) == 2
+    # The MatMul's bias Add and the Gemm's beta·C are folded into the op.
+    assert not any(n.op_type == "Add" for n in fused.graph.node)
     for level in LEVELS:
         np.testing.assert_allclose(_run(fused, x, level), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 

@@ -106,6 +106,15 @@ class LowerFusedPass(LowerQdqPass):
                     mul = edit.node("Mul", [bias_term, b], f"{tag}.qsd.beta")
                     nodes.append(mul)
                     bias_term = mul.output[0]
+        elif node.op_type == "MatMul":
+            add, bias = self._bias_add(edit, node, N)
+            if add is not None:
+                # Exporters write Linear as MatMul then Add: the op adds the bias itself, and the
+                # Add goes (the bias initializer is reused, not copied).
+                inputs += [""] * (13 - len(inputs)) + [bias]
+                op_attrs["has_bias"] = 1
+                out = add.output[0]
+                edit.replace_node(add, [])
         while inputs and inputs[-1] == "":
             inputs.pop()
         fused = edit.node(OP_NAME, inputs, f"{tag}.qsd.fused", domain=DOMAIN,
@@ -115,7 +124,29 @@ class LowerFusedPass(LowerQdqPass):
             nodes.append(edit.node("Add", [fused.output[0], bias_term], f"{tag}.qsd.bias", outputs=[out]))
         return nodes
 
+    def _bias_add(self, edit, node: onnx.NodeProto, N: int):
+        """The ``Add`` of a constant float32 ``(N,)`` bias that is the only reader of ``node``'s
+        output, and that bias's name; ``(None, None)`` otherwise."""
+        if getattr(self, "_readers", None) is None:
+            self._readers: dict = {}
+            for n in edit.graph.node:
+                for i in n.input:
+                    self._readers.setdefault(i, []).append(n)
+            self._inits = {t.name: t for t in edit.graph.initializer}
+            self._outputs = {o.name for o in edit.graph.output}
+        y = node.output[0]
+        readers = self._readers.get(y, [])
+        if y in self._outputs or len(readers) != 1 or readers[0].op_type != "Add" or readers[0].domain not in ("", "ai.onnx"):
+            return None, None
+        add = readers[0]
+        other = add.input[1] if add.input[0] == y else add.input[0]
+        t = self._inits.get(other)
+        if t is None or t.data_type != onnx.TensorProto.FLOAT or tuple(t.dims) != (N,) or other == y:
+            return None, None
+        return add, other
+
     def run(self, ctx) -> str:
+        self._readers = None
         register_onnx_schema()  # lets onnx.checker and shape inference see the op's output type
         summary = super().run(ctx)
         if any(n.domain == DOMAIN for n in ctx.model.graph.node) and \
