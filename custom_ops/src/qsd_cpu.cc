@@ -197,25 +197,78 @@ QSD_INLINE void DecodePanel(const QuantMatrix& B, int64_t n0, int nr, int64_t bl
 }
 #endif
 
+#if defined(__GNUC__)
+// MicroKernel with each panel row held as two 8-float halves. Instruction sets
+// whose widest register holds 8 floats (AVX2) need this form: GCC keeps a
+// 16-float vector it cannot place in one register in memory and works on it
+// piecewise, which made the AVX2 copy slower than the SSE baseline.
+typedef float VHalfRow __attribute__((vector_size(32)));
+
+QSD_INLINE VHalfRow LoadHalfRow(const float* p) {
+  VHalfRow v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+QSD_INLINE void StoreHalfRow(float* p, VHalfRow v) { std::memcpy(p, &v, sizeof(v)); }
+
 template <int MR>
+QSD_INLINE void MicroKernelHalves(int64_t depth, const float* a, int64_t lda, const float* w,
+                                  float* c) {
+  VHalfRow lo[MR], hi[MR];
+  for (int i = 0; i < MR; ++i) lo[i] = hi[i] = VHalfRow{};
+  for (int64_t k = 0; k < depth; ++k) {
+    const VHalfRow wl = LoadHalfRow(w + k * kNR);
+    const VHalfRow wh = LoadHalfRow(w + k * kNR + kNR / 2);
+    for (int i = 0; i < MR; ++i) {
+      const float av = a[i * lda + k];
+      lo[i] += av * wl;
+      hi[i] += av * wh;
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    StoreHalfRow(c + i * kNR, LoadHalfRow(c + i * kNR) + lo[i]);
+    StoreHalfRow(c + i * kNR + kNR / 2, LoadHalfRow(c + i * kNR + kNR / 2) + hi[i]);
+  }
+}
+#else
+template <int MR>
+QSD_INLINE void MicroKernelHalves(int64_t depth, const float* a, int64_t lda, const float* w,
+                                  float* c) {
+  MicroKernel<MR>(depth, a, lda, w, c);
+}
+#endif
+
+template <int MR, bool HALVES>
+QSD_INLINE void MicroKernelAny(int64_t depth, const float* a, int64_t lda, const float* w,
+                               float* c) {
+  if constexpr (HALVES) {
+    MicroKernelHalves<MR>(depth, a, lda, w, c);
+  } else {
+    MicroKernel<MR>(depth, a, lda, w, c);
+  }
+}
+
+template <int MR, bool HALVES>
 QSD_INLINE void Remainder(int64_t rows, int64_t depth, const float* a, int64_t lda,
                           const float* w, float* c) {
   if constexpr (MR > 0) {
     if (rows == MR) {
-      MicroKernel<MR>(depth, a, lda, w, c);
+      MicroKernelAny<MR, HALVES>(depth, a, lda, w, c);
     } else {
-      Remainder<MR - 1>(rows, depth, a, lda, w, c);
+      Remainder<MR - 1, HALVES>(rows, depth, a, lda, w, c);
     }
   }
 }
 
 // c (rows x kNR) += a (rows x depth) . w (depth x kNR), MR rows at a time.
-template <int MR>
+template <int MR, bool HALVES = false>
 QSD_INLINE void PanelProductImpl(int64_t rows, int64_t depth, const float* a, int64_t lda,
                                  const float* w, float* c) {
   int64_t m = 0;
-  for (; m + MR <= rows; m += MR) MicroKernel<MR>(depth, a + m * lda, lda, w, c + m * kNR);
-  Remainder<MR - 1>(rows - m, depth, a + m * lda, lda, w, c + m * kNR);
+  for (; m + MR <= rows; m += MR)
+    MicroKernelAny<MR, HALVES>(depth, a + m * lda, lda, w, c + m * kNR);
+  Remainder<MR - 1, HALVES>(rows - m, depth, a + m * lda, lda, w, c + m * kNR);
 }
 
 constexpr int kGemvMaxRows = 4;    // products with at most this many rows use the GEMV path
@@ -224,8 +277,8 @@ constexpr int64_t kGemvCols = 64;  // columns per GEMV work item
 #if defined(__GNUC__)
 typedef float VHalf __attribute__((vector_size(32)));
 typedef float VQuarter __attribute__((vector_size(16)));
-typedef uint32_t VLanes16 __attribute__((vector_size(64)));
-typedef uint32_t VLanes8 __attribute__((vector_size(32)));
+typedef int32_t VLanes16 __attribute__((vector_size(64)));
+typedef int32_t VLanes8 __attribute__((vector_size(32)));
 typedef uint8_t VBytes16 __attribute__((vector_size(16)));
 typedef uint8_t VBytes8 __attribute__((vector_size(8)));
 
@@ -295,6 +348,7 @@ QSD_INLINE void Transpose16(VRow* r) {
 // 32-bit lane) suited to its instruction set and its own micro-kernel height.
 namespace isa_base {
 constexpr int kIsaMR = 4;
+constexpr bool kIsaHalves = false;
 QSD_INLINE VLanes16 Widen16(const uint8_t* p) {
   VBytes16 raw;
   std::memcpy(&raw, p, sizeof(raw));
@@ -314,6 +368,7 @@ QSD_INLINE VLanes8 Widen8(const uint8_t* p) {
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
 constexpr int kIsaMR = 6;  // 16 registers: 6 rows x 2 registers of accumulators
+constexpr bool kIsaHalves = true;  // 8 floats per register
 QSD_INLINE VLanes8 Widen8(const uint8_t* p) {
   return reinterpret_cast<VLanes8>(
       _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -341,6 +396,7 @@ QSD_INLINE VLanes16 Widen16(const uint8_t* p) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace isa_avx512 {
 constexpr int kIsaMR = 12;  // 32 registers: 12 rows x 1 register of accumulators
+constexpr bool kIsaHalves = false;
 QSD_INLINE VLanes8 Widen8(const uint8_t* p) {
   return reinterpret_cast<VLanes8>(
       _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));

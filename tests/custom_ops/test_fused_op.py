@@ -415,7 +415,7 @@ import numpy as np
 sys.path.insert(0, {root!r})
 import tests.custom_ops.test_fused_op as t
 from qsdonnx import runtime
-for name in ("all_parts", "q2_k520_b64", "q8_k100_b32", "lowrank_2bit"):
+for name in ("all_parts", "q2_k520_b64", "q8_k100_b32", "lowrank_2bit", "q4_k96_b16", "q4_k100_b24"):
     case = t.make_case(17, **t.CASES[name])
     for M in (1, 7, 300):
         x = np.random.default_rng(M).normal(size=(M, case["K"])).astype(np.float32)
