@@ -35,7 +35,8 @@ def cli(verbose: int) -> None:
 @click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
               help="rtn: block-wise round-to-nearest; svd: truncated SVD (float factors); lplr: quantized "
                    "low-rank factors; gptq: error-feedback rounding on calibration data; caldera: Q + L·R; "
-                   "qsd: sparse quantized factors; auto: the planner chooses per layer.")
+                   "qsd: sparse quantized factors; pq: product-quantized Gather tables (--bits code bits per "
+                   "value, other weights rtn); auto: the planner chooses per layer.")
 @click.option("--bits", type=click.Choice([str(b) for b in BITS]), default="4", show_default=True,
               help="Code width for quantized parts.")
 @click.option("--block-size", type=int, default=32, show_default=True,

@@ -8,7 +8,7 @@ from typing import Optional
 
 from .errors import ConfigError
 
-METHODS = ("rtn", "svd", "lplr", "gptq", "caldera", "qsd", "auto")
+METHODS = ("rtn", "svd", "lplr", "gptq", "caldera", "qsd", "pq", "auto")
 LOWRANK_METHODS = ("svd", "lplr", "caldera", "qsd")
 DATA_AWARE_METHODS = ("gptq", "caldera", "qsd")
 FORMATS = ("qdq", "nbits", "fused")

@@ -14,6 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..factorize.packing import pack_bits
+from ..factorize.pq import ProductQuantizedMatrix
 from ..factorize.types import DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix
 from ..graph import GraphEdit, node_key, container_bits, float_tensor, int_tensor
 from .base import Context, Pass, WeightRecord
@@ -297,6 +298,8 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
     """Gather of an embedding table stored as packed codes: gather rows of codes and scales,
     unpack, then ``(u - zero_point) · scale`` on just those rows."""
     qm = em.f.q
+    if isinstance(qm, ProductQuantizedMatrix):
+        return lower_gather_pq(edit, em, node, qm)
     tag = node_key(node)
     D, V = qm.shape
     bits = container_bits(qm.bits)
@@ -371,6 +374,45 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
     dshape = em.const("row_shape", np.array([D], np.int64), "int64")
     out_shape = n("Concat", [shape_ids, dshape], "out_shape", axis=0)
     nodes.append(edit.node("Reshape", [scaled, out_shape], f"{tag}.qsd.rows", outputs=[node.output[0]]))
+    return nodes
+
+
+def lower_gather_pq(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto,
+                    pm: ProductQuantizedMatrix) -> list[onnx.NodeProto]:
+    """Gather of a product-quantized table: gather the rows' codes, look each code up in its
+    sub-space's codebook (flattened, so code ``c`` of sub-space ``s`` is entry ``s·2^cb + c``),
+    and multiply by the gathered row scales."""
+    tag = node_key(node)
+    D, V = pm.shape
+    S = D // pm.sub_dim
+    k = 1 << pm.code_bits
+    codes = edit.add_initializer(numpy_helper.from_array(pm.codes, f"{em.base}.codes"))
+    books = edit.add_initializer(float_tensor(f"{em.base}.codebooks",
+                                              pm.codebooks.reshape(S * k, pm.sub_dim), pm.scale_dtype))
+    scales = edit.add_initializer(float_tensor(f"{em.base}.scales", pm.scales, pm.scale_dtype))
+    offsets = edit.add_initializer(numpy_helper.from_array(
+        (np.arange(S, dtype=np.int32) * k).astype(np.int32), f"{em.base}.code_offsets"))
+    ids = node.input[1]
+    nodes: list[onnx.NodeProto] = []
+
+    def n(op, inputs, label, **kw):
+        nd = edit.node(op, inputs, f"{tag}.qsd.{label}", **kw)
+        nodes.append(nd)
+        return nd.output[0]
+
+    g = n("Gather", [codes, ids], "gather_codes", axis=0)  # (..., S) uint8
+    idx = n("Add", [n("Cast", [g], "codes_int", to=onnx.TensorProto.INT32), offsets], "code_index")
+    sub = n("Gather", [books, idx], "lookup", axis=0)  # (..., S, d)
+    shape_ids = n("Shape", [ids], "ids_shape")
+    out_shape = n("Concat", [shape_ids, em.const("row_shape", np.array([D], np.int64), "int64")],
+                  "out_shape", axis=0)
+    rows = n("Reshape", [sub, out_shape], "rows_unscaled")
+    gs = n("Unsqueeze", [n("Gather", [scales, ids], "gather_scales", axis=0),
+                         em.const("axes_last", np.array([-1], np.int64), "int64")], "scale_unsq")
+    if pm.scale_dtype != em.dtype:
+        rows = n("Cast", [rows], "rows_cast", to=em.onnx_dtype)
+        gs = n("Cast", [gs], "scales_cast", to=em.onnx_dtype)
+    nodes.append(edit.node("Mul", [rows, gs], f"{tag}.qsd.rows", outputs=[node.output[0]]))
     return nodes
 
 
