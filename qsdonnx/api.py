@@ -12,6 +12,7 @@ import onnx
 from .config import OptimizeConfig
 from .errors import ConfigError, OutputError, ValidationFailed
 from .passes.base import Context, WeightRecord
+from .passes.bias import BiasCorrectionPass
 from .passes.canonicalize import FindWeightsPass
 from .passes.factorize import FactorizeWeightsPass, GlobalPlanPass, PlanPass
 from .passes.load import LiftConstantsPass, LoadPass, load_model
@@ -93,6 +94,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         p(ctx)
     before_lowering = copy.deepcopy(ctx.model)
     while True:
+        BiasCorrectionPass()(ctx)
         PrepareOpsetPass(required_opset(ctx))(ctx)
         _lowering(cfg)(ctx)
         if cfg.validate:

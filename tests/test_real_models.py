@@ -125,7 +125,7 @@ def test_minilm_budget_3bpw_data_aware_beats_rtn(minilm_path, minilm_ref, minilm
         assert out.stat().st_size <= 0.20 * minilm_path.stat().st_size
         scores[method] = _minilm_score(out, minilm_ref)["mean_cosine"]
     # Measured 0.942 (auto) and 0.920 (rtn); the 0.98 goal at 3 bits per weight is not reached.
-    assert scores["auto"] >= 0.93, scores
+    assert scores["auto"] >= 0.95, scores
     assert scores["auto"] > scores["rtn"] + 0.01, scores
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..errors import InputError
 from ..graph import node_key
 from .base import Context, Pass, WeightRecord
+from .bias import find_bias_slots
 from .canonicalize import node_attrs
 from .validate import generated_inputs, load_feeds
 
@@ -59,22 +60,31 @@ def _conv_rows(x: torch.Tensor, attrs: dict, kshape: list[int]) -> torch.Tensor 
 
 
 class HessianAccumulator:
-    """``H = Σ xᵀx`` over rows ``x`` of one layer's input, with the row count.
+    """``Σ xᵀx`` and ``Σ x`` over rows ``x`` of one layer's input, with the row count.
 
     Each batch's product is formed in float32 (fast) and summed across batches in float64, so
     long calibration runs do not lose precision."""
 
     def __init__(self, K: int):
         self.H = torch.zeros(K, K, dtype=torch.float64)
+        self.sum = torch.zeros(K, dtype=torch.float64)
         self.rows = 0
 
     def add(self, rows: torch.Tensor) -> None:
         self.H += (rows.T @ rows).to(torch.float64)
+        self.sum += rows.sum(dim=0, dtype=torch.float64)
         self.rows += rows.shape[0]
 
-    def result(self) -> dict:
+    def result(self, centered: bool = False) -> dict:
+        """``H = E[xᵀx]``, or the covariance ``E[xᵀx] − μᵀμ`` when ``centered`` (for layers
+        whose bias absorbs the mean error, see ``passes.bias``); ``mean = μ``."""
         n = max(self.rows, 1)
-        return {"H": (self.H / n).to(torch.float32).numpy(), "rows": self.rows}
+        mean = self.sum / n
+        H = self.H / n
+        if centered:
+            H = H - torch.outer(mean, mean)
+        return {"H": H.to(torch.float32).numpy(), "mean": mean.numpy(), "rows": self.rows,
+                "centered": centered}
 
 
 def calibration_feeds(ctx: Context, warn: bool = True) -> list[dict]:
@@ -154,12 +164,19 @@ class CalibratePass(Pass):
                     if rows is None:
                         continue
                     accs.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
+        centered = 0
         for wname, key in share.items():
             if key in accs:
-                ctx.calibration[wname] = accs[key].result()
+                rec = ctx.record(wname)
+                slots = find_bias_slots(ctx.model, rec)
+                if slots:
+                    rec.extra["bias_slots"] = slots
+                    centered += 1
+                ctx.calibration[wname] = accs[key].result(centered=bool(slots))
         ctx.calib_info = {"samples": samples, "batches": len(feeds),
                                        "source": str(ctx.config.calib) if ctx.config.calib else "generated"}
-        return f"{len(ctx.calibration)} layers calibrated on {samples} samples ({len(accs)} distinct inputs)"
+        return (f"{len(ctx.calibration)} layers calibrated on {samples} samples ({len(accs)} distinct "
+                f"inputs; {centered} with a bias to absorb the mean error)")
 
     @staticmethod
     def _row_key(node: onnx.NodeProto, rec: WeightRecord) -> str:

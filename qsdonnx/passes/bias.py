@@ -1,0 +1,103 @@
+"""Bias slots and bias correction.
+
+A layer ``Y = X·W + b`` whose bias is a constant of its own can absorb the mean of its
+output error for free.  With ``μ = E[x]`` and ``Σ = E[(x − μ)ᵀ(x − μ)] = H − μᵀμ``,
+
+    E‖x·(W − Ŵ) − δ‖²  is least at  δ = μ·(W − Ŵ),  where it equals  tr((W − Ŵ)ᵀ Σ (W − Ŵ)),
+
+so such layers are fitted to the centred second moment ``Σ`` (calibration) and ``b + δ`` is
+written back after factorization (this pass).  Layers without such a bias keep ``H = E[xᵀx]``,
+which already counts the mean error.
+
+The bias found per consumer node:
+
+* ``MatMul`` whose only reader is an ``Add`` of a float ``(N,)`` initializer: that initializer;
+* ``Gemm`` with a float ``(N,)`` or ``(1, N)`` initializer ``C`` (scaled by ``1 / beta``; the
+  matrix view already holds ``alpha``);
+* ``Conv`` with its bias input ``B`` of shape ``(N,)``.
+
+The initializer must be read by that node only, since it is rewritten.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..graph import node_key
+from .base import Context, Pass, WeightRecord
+from .canonicalize import node_attrs
+
+FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+def find_bias_slots(model: onnx.ModelProto, rec: WeightRecord) -> Optional[list[tuple[str, float]]]:
+    """``[(initializer, factor), ...]``, one per consumer node of ``rec``, such that adding
+    ``factor · δ`` to each initializer adds ``δ`` to the layer's output; None when some
+    consumer has no bias of its own."""
+    if rec.view not in ("matmul", "gemm", "conv"):
+        return None
+    N = rec.matrix_shape[1]
+    graph = model.graph
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            readers[i].append(n)
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    slots = []
+    for node in graph.node:
+        if node_key(node) not in rec.nodes:
+            continue
+        name, factor = None, 1.0
+        if node.op_type == "MatMul":
+            y = node.output[0]
+            r = readers.get(y, [])
+            if y not in outputs and len(r) == 1 and r[0].op_type == "Add" and r[0].domain in ("", "ai.onnx"):
+                add = r[0]
+                other = add.input[1] if add.input[0] == y else add.input[0]
+                name = other if other != y else None
+        elif node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            a = node_attrs(node)
+            beta = float(a.get("beta", 1.0))
+            if beta != 0.0:
+                name, factor = node.input[2], 1.0 / beta  # alpha is folded into the matrix view
+        elif node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
+            name = node.input[2]
+        t = inits.get(name) if name else None
+        if t is None or t.data_type not in FLOATS or len(readers.get(name, [])) != 1:
+            return None
+        dims = tuple(t.dims)
+        if dims not in ((N,), (1, N)):
+            return None
+        slots.append((name, factor))
+    return slots or None
+
+
+class BiasCorrectionPass(Pass):
+    """Adds ``δ = μ·(W − Ŵ)`` to the bias of every compressed layer fitted to a centred ``Σ``."""
+
+    name = "bias-correction"
+
+    def run(self, ctx: Context) -> str:
+        inits = {t.name: t for t in ctx.model.graph.initializer}
+        done = 0
+        for name, f in ctx.factorizations.items():
+            rec = ctx.record(name)
+            stats = ctx.calibration.get(name) if ctx.calibration else None
+            slots = rec.extra.get("bias_slots")
+            if rec.status != "compressed" or not stats or not stats.get("centered") or not slots:
+                continue
+            W = ctx.weights[name].astype(np.float64)
+            delta = np.asarray(stats["mean"], np.float64) @ (W - f.dense().astype(np.float64))
+            for init_name, factor in slots:
+                t = inits[init_name]
+                b = numpy_helper.to_array(t)
+                nb = (b.astype(np.float64) + factor * delta.reshape(b.shape)).astype(b.dtype)
+                t.CopyFrom(numpy_helper.from_array(nb, init_name))
+            rec.extra["bias_corrected"] = True
+            done += 1
+        return f"{done} biases corrected for the mean output error"
