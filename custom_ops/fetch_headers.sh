@@ -7,13 +7,14 @@
 # Running it again when the headers are already present does nothing.
 #
 # Environment:
+#   QSD_HEADERS_DEST  where to unpack (default custom_ops/third_party/onnxruntime)
 #   QSD_ORT_DEB       path to an already downloaded libonnxruntime-dev .deb (skips apt)
 #   QSD_DEBIAN_MIRROR mirror URL (default http://deb.debian.org/debian)
 #   QSD_DEBIAN_SUITE  suite (default trixie)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-dest="${here}/third_party/onnxruntime"
+dest="${QSD_HEADERS_DEST:-${here}/third_party/onnxruntime}"
 header="${dest}/usr/include/onnxruntime/onnxruntime_c_api.h"
 
 if [[ -f "${header}" ]]; then
