@@ -67,6 +67,7 @@ class OptimizeConfig:
     calib: Optional[Path] = None
     calib_batch: int = 8
     calib_samples: int = 128
+    calib_mask: str = "auto"  # input marking real tokens (auto: attention_mask / input_mask), or none
     # validation
     validate: bool = True
     inputs: Optional[Path] = None

@@ -449,3 +449,13 @@ def test_help_real_processes():
     script = run_process("optimize", "--help", module=False)
     assert script.returncode == 0
     assert all(o in script.stdout for o in OPTIMIZE_OPTIONS)
+
+
+def test_calib_mask_not_an_input(outdir, model_path):
+    r = invoke("optimize", model_path, "-o", outdir / "o.onnx", "--method", "gptq", "--calib-mask", "tok_mask")
+    assert_failed_cleanly(r, outdir, {model_path: sha256(model_path)}, 2, "--calib-mask", "tok_mask")
+
+
+def test_pq_with_three_bits(outdir, model_path):
+    r = invoke("optimize", model_path, "-o", outdir / "o.onnx", "--method", "pq", "--bits", "3")
+    assert_failed_cleanly(r, outdir, {model_path: sha256(model_path)}, 2, "pq")

@@ -165,3 +165,51 @@ def test_shared_bias_is_left_alone():
                      location="initializer", view="matmul", matrix_shape=(K, N))
     assert find_bias_slots(model, w) is None
     assert find_bias_slots(matmul_add_model(), w) == [("b", 1.0)]
+
+
+# ------------------------------------------------------------------------------------------
+# calibration skips padded positions
+# ------------------------------------------------------------------------------------------
+def _calibrate(model, calib, **cfg):
+    from qsdonnx.api import _context
+    from qsdonnx.config import OptimizeConfig
+    from qsdonnx.passes.calibrate import CalibratePass
+    from qsdonnx.passes.canonicalize import FindWeightsPass
+    from qsdonnx.passes.load import LiftConstantsPass, LoadPass
+
+    ctx = _context(model, OptimizeConfig(calib=calib, progress=False, min_elements=16, **cfg))
+    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass(), CalibratePass()):
+        p(ctx)
+    return ctx
+
+
+def token_model():
+    W = randn((K, N), 21)
+    b = randn((N,), 22)
+    return make_model([helper.make_node("MatMul", ["X", "W"], ["h"], name="mm"),
+                       helper.make_node("Add", ["h", "b"], ["Y"], name="add")],
+                      [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", "t", K]),
+                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "t", N])],
+                      [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")])
+
+
+def test_calibration_skips_padded_positions(tmp_path):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(6, 10, K)).astype(np.float32)
+    mask = np.ones((6, 10), np.int64)
+    mask[:, 7:] = 0
+    X[:, 7:] = 100.0  # padded positions: garbage no output depends on
+    np.savez(tmp_path / "c.npz", X=X, attention_mask=mask)
+    real = X[:, :7].reshape(-1, K).astype(np.float64)
+    ctx = _calibrate(token_model(), tmp_path / "c.npz")
+    stats = ctx.calibration["W"]
+    assert stats["rows"] == real.shape[0] and ctx.calib_info["token_mask"] == "attention_mask"
+    np.testing.assert_allclose(stats["mean"], real.mean(axis=0), rtol=1e-6, atol=1e-6)
+    cov = real.T @ real / len(real) - np.outer(real.mean(0), real.mean(0))
+    np.testing.assert_allclose(stats["H"], cov, rtol=1e-4, atol=1e-4)
+    # --calib-mask none keeps every position.
+    ctx = _calibrate(token_model(), tmp_path / "c.npz", calib_mask="none")
+    assert ctx.calibration["W"]["rows"] == 60
+    with pytest.raises(qsdonnx.InputError, match="calib-mask"):
+        _calibrate(token_model(), tmp_path / "c.npz", calib_mask="no_such_input")

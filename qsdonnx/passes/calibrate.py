@@ -110,6 +110,22 @@ def calibration_feeds(ctx: Context, warn: bool = True) -> list[dict]:
     return out
 
 
+MASK_INPUTS = ("attention_mask", "input_mask")
+
+
+def token_mask_input(ctx: Context) -> str | None:
+    """The graph input marking real (1) and padded (0) positions, per ``--calib-mask``."""
+    choice = ctx.config.calib_mask
+    inputs = {i.name: i for i in ctx.original.graph.input}
+    if choice == "none":
+        return None
+    if choice != "auto":
+        if choice not in inputs:
+            raise InputError(f"--calib-mask {choice!r} is not an input of the model")
+        return choice
+    return next((n for n in MASK_INPUTS if n in inputs), None)
+
+
 def _batched(shapes, batch):
     return [(name, (batch,) + tuple(s[1:])) for name, s in shapes]
 
@@ -149,9 +165,11 @@ class CalibratePass(Pass):
         for name, users in targets.items():
             for node, rec in users:
                 share.setdefault(rec.name, f"{name}|{rec.view}|{self._row_key(node, rec)}")
+        mask_name = token_mask_input(ctx)
         for feed in tqdm(feeds, desc="calibrating", unit="batch", disable=not ctx.config.progress, leave=False):
             outs = sess.run(names, feed)
             samples += len(next(iter(feed.values())))
+            mask = None if mask_name is None else np.asarray(feed[mask_name]) != 0
             for name, value in zip(names, outs):
                 x = torch.from_numpy(np.array(value, dtype=np.float32))
                 done = set()
@@ -163,6 +181,9 @@ class CalibratePass(Pass):
                     rows = self._rows(x, node, rec)
                     if rows is None:
                         continue
+                    if mask is not None and rec.view != "conv" and tuple(x.shape[:-1]) == mask.shape:
+                        # Padded positions compute activations no output depends on.
+                        rows = rows[torch.from_numpy(mask.reshape(-1))]
                     accs.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
         centered = 0
         for wname, key in share.items():
@@ -173,7 +194,7 @@ class CalibratePass(Pass):
                     rec.extra["bias_slots"] = slots
                     centered += 1
                 ctx.calibration[wname] = accs[key].result(centered=bool(slots))
-        ctx.calib_info = {"samples": samples, "batches": len(feeds),
+        ctx.calib_info = {"samples": samples, "batches": len(feeds), "token_mask": mask_name,
                                        "source": str(ctx.config.calib) if ctx.config.calib else "generated"}
         return (f"{len(ctx.calibration)} layers calibrated on {samples} samples ({len(accs)} distinct "
                 f"inputs; {centered} with a bias to absorb the mean error)")
