@@ -266,7 +266,12 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
             r = rank_for_budget(K, N, bpw, lambda r: LayerChoice(method, qb, blk, r).nbytes(K, N, cfg, rec.dtype))
             if r >= 1:
                 found.add((qb, r))
-    return [LayerChoice(method, qb, blk, r) for qb, r in sorted(found)]
+    out = [LayerChoice(method, qb, blk, r) for qb, r in sorted(found)]
+    if method == "caldera" and not (ov and ov.bits):
+        # Rank 0 is CALDERA's backbone alone (LDLQ = GPTQ rounding): the planner keeps it for
+        # layers where no low-rank correction pays for its bytes.
+        out += [LayerChoice(quant, b, bk) for b in PLAN_BITS for bk in blocks]
+    return out
 
 
 def relative_error(W: np.ndarray, What: np.ndarray, H: Optional[np.ndarray],
