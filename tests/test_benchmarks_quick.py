@@ -57,3 +57,17 @@ def test_quick_benchmark_writes_json_tables_and_plots(tmp_path):
     table = (out / "minilm.md").read_text()
     assert "| fp32 |" in table and "| qsdonnx rtn 4b |" in table and "| ort-nbits 4b b32 |" in table
     assert "## minilm" in proc.stdout
+
+
+@pytest.mark.skipif(__import__("qsdonnx.buildops", fromlist=["x"]).find_ops_library() is None,
+                    reason="custom-op library not built")
+def test_kernel_benchmark_prints_a_table(capsys):
+    from benchmarks import kernel
+
+    assert kernel.main(["--runs", "2", "--isas", "base,best"]) == 0
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if l.startswith("| 384") or l.startswith("| 1536")]
+    assert len(rows) == 2 * len(kernel.SHAPES) * len(kernel.ROWS)
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[2]) > 0 and "×" in cells[4] and "×" in cells[5]
