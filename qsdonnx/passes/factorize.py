@@ -24,8 +24,10 @@ log = logging.getLogger("qsdonnx")
 
 QUANT_ONLY_VIEWS = ("conv-grouped", "embedding")
 CALDERA_FACTOR_BITS = 4  # CALDERA's low-rank factors; --bits sets the backbone Q
-# GPTQ's damping λ = GPTQ_DAMP · mean(diag H).  Calibration sets of a few hundred sentences
-# under-determine H; on MiniLM 0.1 gave 0.986 mean cosine at 4 bits/128 against 0.983 at 0.01.
+# GPTQ's damping λ = GPTQ_DAMP · mean(diag H), also used by CALDERA for its backbone and its
+# low-rank fit.  Calibration sets of a few hundred sentences under-determine H; on MiniLM 0.1
+# gave 0.986 mean cosine at 4 bits/128 against 0.983 at 0.01, and CALDERA at 3 bpw 0.936
+# against 0.923 (its low-rank fit chased directions only the calibration rows have).
 GPTQ_DAMP = 0.1
 
 
@@ -179,7 +181,8 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
         from ..factorize.caldera import caldera_factorize
         return caldera_factorize(W, H if H is not None else np.eye(W.shape[0], dtype=np.float32),
                                  choice.rank, choice.bits, CALDERA_FACTOR_BITS,
-                                 iters=1 if m == "caldera-fast" else 3, lr_iters=1, **common)
+                                 iters=1 if m == "caldera-fast" else 3, lr_iters=1,
+                                 damp=GPTQ_DAMP, lr_damp=GPTQ_DAMP, **common)
     if m == "qsd":
         from ..factorize.qsd import qsd_factorize
         return qsd_factorize(W, H, choice.rank, choice.bits, sparsity=cfg.sparsity, seed=cfg.seed, **common)
