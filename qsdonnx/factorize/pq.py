@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .quantizers import store_scales
+from .types import Factorization
 
 PQ_CODE_BITS = 8  # one byte per sub-vector code
 MIN_ROWS_PER_CENTROID = 8  # fewer rows than this per centroid: a codebook does not pay
@@ -45,11 +45,6 @@ class ProductQuantizedMatrix:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.codes.shape[1] * self.sub_dim, self.codes.shape[0])
-
-    @property
-    def bits(self) -> float:
-        """Code bits per table value."""
-        return self.code_bits / self.sub_dim
 
     def rows(self) -> np.ndarray:
         """The rebuilt table as ``(V, D)`` rows."""
@@ -161,10 +156,8 @@ def pq_quantize(W: np.ndarray, sub_dim: int, code_bits: int = PQ_CODE_BITS, iter
 
 
 def pq_factorize(W: np.ndarray, sub_dim: int, code_bits: int = PQ_CODE_BITS,
-                 scale_dtype: str = "float16", seed: int = 0, iters: int = 16):
+                 scale_dtype: str = "float16", seed: int = 0, iters: int = 16) -> Factorization:
     """:func:`pq_quantize` as a :class:`Factorization` with ``method="pq"``."""
-    from .types import Factorization
-
     q = pq_quantize(W, sub_dim, code_bits, iters=iters, scale_dtype=scale_dtype, seed=seed)
     return Factorization(method="pq", shape=tuple(W.shape), q=q,
                          info={"sub_dim": sub_dim, "code_bits": code_bits})

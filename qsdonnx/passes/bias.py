@@ -34,44 +34,59 @@ from .canonicalize import node_attrs
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def find_bias_slots(model: onnx.ModelProto, rec: WeightRecord) -> Optional[list[tuple[str, float]]]:
+class GraphIndex:
+    """The readers of every tensor, the initializers and the graph outputs, built once."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.by_key: dict[str, onnx.NodeProto] = {}
+        for n in graph.node:
+            self.by_key[node_key(n)] = n
+            for i in n.input:
+                self.readers[i].append(n)
+        self.inits = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+
+
+def bias_add_of(index: GraphIndex, node: onnx.NodeProto) -> tuple[Optional[onnx.NodeProto], Optional[str]]:
+    """The ``Add`` that is the only reader of ``node``'s output, and the Add's other input;
+    ``(None, None)`` when there is none (or the output is also a graph output)."""
+    y = node.output[0]
+    r = index.readers.get(y, [])
+    if y in index.outputs or len(r) != 1 or r[0].op_type != "Add" or r[0].domain not in ("", "ai.onnx"):
+        return None, None
+    add = r[0]
+    other = add.input[1] if add.input[0] == y else add.input[0]
+    return (add, other) if other != y else (None, None)
+
+
+def find_bias_slots(model: onnx.ModelProto, rec: WeightRecord,
+                    index: Optional[GraphIndex] = None) -> Optional[list[tuple[str, float]]]:
     """``[(initializer, factor), ...]``, one per consumer node of ``rec``, such that adding
     ``factor · δ`` to each initializer adds ``δ`` to the layer's output; None when some
-    consumer has no bias of its own."""
+    consumer has no bias of its own.  ``index`` (of ``model``) saves rebuilding it per weight."""
     if rec.view not in ("matmul", "gemm", "conv"):
         return None
     N = rec.matrix_shape[1]
-    graph = model.graph
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            readers[i].append(n)
-    inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    index = index or GraphIndex(model.graph)
     slots = []
-    for node in graph.node:
-        if node_key(node) not in rec.nodes:
-            continue
+    for key in rec.nodes:
+        node = index.by_key.get(key)
+        if node is None:
+            return None
         name, factor = None, 1.0
         if node.op_type == "MatMul":
-            y = node.output[0]
-            r = readers.get(y, [])
-            if y not in outputs and len(r) == 1 and r[0].op_type == "Add" and r[0].domain in ("", "ai.onnx"):
-                add = r[0]
-                other = add.input[1] if add.input[0] == y else add.input[0]
-                name = other if other != y else None
+            name = bias_add_of(index, node)[1]
         elif node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-            a = node_attrs(node)
-            beta = float(a.get("beta", 1.0))
+            beta = float(node_attrs(node).get("beta", 1.0))
             if beta != 0.0:
                 name, factor = node.input[2], 1.0 / beta  # alpha is folded into the matrix view
         elif node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
             name = node.input[2]
-        t = inits.get(name) if name else None
-        if t is None or t.data_type not in FLOATS or len(readers.get(name, [])) != 1:
+        t = index.inits.get(name) if name else None
+        if t is None or t.data_type not in FLOATS or len(index.readers.get(name, [])) != 1:
             return None
-        dims = tuple(t.dims)
-        if dims not in ((N,), (1, N)):
+        if tuple(t.dims) not in ((N,), (1, N)):
             return None
         slots.append((name, factor))
     return slots or None

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..errors import InputError
 from ..graph import node_key
 from .base import Context, Pass, WeightRecord
-from .bias import find_bias_slots
+from .bias import GraphIndex, find_bias_slots
 from .canonicalize import node_attrs
 from .validate import generated_inputs, load_feeds
 
@@ -186,10 +186,11 @@ class CalibratePass(Pass):
                         rows = rows[torch.from_numpy(mask.reshape(-1))]
                     accs.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
         centered = 0
+        index = GraphIndex(ctx.model.graph)
         for wname, key in share.items():
             if key in accs:
                 rec = ctx.record(wname)
-                slots = find_bias_slots(ctx.model, rec)
+                slots = find_bias_slots(ctx.model, rec, index)
                 if slots:
                     rec.extra["bias_slots"] = slots
                     centered += 1

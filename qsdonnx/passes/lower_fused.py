@@ -15,6 +15,7 @@ from ..factorize.packing import to_matmulnbits
 from ..factorize.types import QuantizedMatrix
 from ..graph import container_bits, float_tensor, node_key
 from ..runtime import DOMAIN, OP_NAME, OP_VERSION, register_onnx_schema
+from .bias import GraphIndex, bias_add_of
 from .canonicalize import node_attrs
 from .lower_nbits import nbits_unsupported
 from .lower_qdq import LowerQdqPass, QdqEmitter, lower_matmul_like
@@ -127,26 +128,16 @@ class LowerFusedPass(LowerQdqPass):
     def _bias_add(self, edit, node: onnx.NodeProto, N: int):
         """The ``Add`` of a constant float32 ``(N,)`` bias that is the only reader of ``node``'s
         output, and that bias's name; ``(None, None)`` otherwise."""
-        if getattr(self, "_readers", None) is None:
-            self._readers: dict = {}
-            for n in edit.graph.node:
-                for i in n.input:
-                    self._readers.setdefault(i, []).append(n)
-            self._inits = {t.name: t for t in edit.graph.initializer}
-            self._outputs = {o.name for o in edit.graph.output}
-        y = node.output[0]
-        readers = self._readers.get(y, [])
-        if y in self._outputs or len(readers) != 1 or readers[0].op_type != "Add" or readers[0].domain not in ("", "ai.onnx"):
-            return None, None
-        add = readers[0]
-        other = add.input[1] if add.input[0] == y else add.input[0]
-        t = self._inits.get(other)
-        if t is None or t.data_type != onnx.TensorProto.FLOAT or tuple(t.dims) != (N,) or other == y:
+        if getattr(self, "_index", None) is None:
+            self._index = GraphIndex(edit.graph)
+        add, other = bias_add_of(self._index, node)
+        t = self._index.inits.get(other) if add is not None else None
+        if t is None or t.data_type != onnx.TensorProto.FLOAT or tuple(t.dims) != (N,):
             return None, None
         return add, other
 
     def run(self, ctx) -> str:
-        self._readers = None
+        self._index = None
         register_onnx_schema()  # lets onnx.checker and shape inference see the op's output type
         summary = super().run(ctx)
         if any(n.domain == DOMAIN for n in ctx.model.graph.node) and \

@@ -294,6 +294,15 @@ def lower_conv(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Weigh
     return nodes
 
 
+def _node_maker(edit: GraphEdit, tag: str, nodes: list[onnx.NodeProto]):
+    """``n(op, inputs, label, **attrs)``: adds node ``<tag>.qsd.<label>`` to ``nodes``, returns its output."""
+    def n(op, inputs, label, **kw):
+        nd = edit.node(op, inputs, f"{tag}.qsd.{label}", **kw)
+        nodes.append(nd)
+        return nd.output[0]
+    return n
+
+
 def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: WeightRecord) -> list[onnx.NodeProto]:
     """Gather of an embedding table stored as packed codes: gather rows of codes and scales,
     unpack, then ``(u - zero_point) · scale`` on just those rows."""
@@ -316,11 +325,7 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
     scales = edit.add_initializer(float_tensor(f"{em.base}.scales", qm.scales.T, qm.scale_dtype))
     ids = node.input[1]
     nodes: list[onnx.NodeProto] = []
-
-    def n(op, inputs, label, **kw):
-        nd = edit.node(op, inputs, f"{tag}.qsd.{label}", **kw)
-        nodes.append(nd)
-        return nd.output[0]
+    n = _node_maker(edit, tag, nodes)
 
     def gather_unpacked(table: str, label: str, count: int) -> str:
         """Rows ``ids`` of a table packed along its last axis, unpacked to ``count`` codes."""
@@ -394,11 +399,7 @@ def lower_gather_pq(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto,
         (np.arange(S, dtype=np.int32) * k).astype(np.int32), f"{em.base}.code_offsets"))
     ids = node.input[1]
     nodes: list[onnx.NodeProto] = []
-
-    def n(op, inputs, label, **kw):
-        nd = edit.node(op, inputs, f"{tag}.qsd.{label}", **kw)
-        nodes.append(nd)
-        return nd.output[0]
+    n = _node_maker(edit, tag, nodes)
 
     g = n("Gather", [codes, ids], "gather_codes", axis=0)  # (..., S) uint8
     idx = n("Add", [n("Cast", [g], "codes_int", to=onnx.TensorProto.INT32), offsets], "code_index")
