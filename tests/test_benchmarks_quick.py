@@ -71,3 +71,53 @@ def test_kernel_benchmark_prints_a_table(capsys):
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert float(cells[2]) > 0 and "×" in cells[4] and "×" in cells[5]
+
+
+@pytest.mark.skipif(__import__("qsdonnx.buildops", fromlist=["x"]).find_ops_library() is None,
+                    reason="custom-op library not built")
+def test_gpu_benchmark_models_compute_the_same_weights():
+    """The GPU benchmark's three model kinds hold the same weights: on the CPU, the fused chain
+    matches a float64 product of the dequantized layers, MatMulNBits and fp16 MatMul match it to
+    fp16 rounding, and the low-rank variant adds exactly deq(L)·deq(R)."""
+    import numpy as np
+
+    from benchmarks import gpu
+    from qsdonnx import runtime
+
+    rng = np.random.default_rng(3)
+    shapes = [(256, 512), (512, 256)]
+    q4 = [gpu.PackedLayer(rng, K, N, 4) for K, N in shapes]
+    q2 = [gpu.PackedLayer(rng, K, N, 2) for K, N in shapes]
+    lr = [(gpu.PackedLayer(rng, K, 64, 4), gpu.PackedLayer(rng, 64, N, 4)) for K, N in shapes]
+    x = rng.normal(size=(3, 256)).astype(np.float32)
+
+    def rel(y, ref):
+        return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+    ref = x.astype(np.float64)
+    for lay in q4:
+        ref = ref @ lay.dense().astype(np.float64)
+    # the chain keeps activations near unit size, so no layer over- or underflows fp16
+    assert 0.3 < np.linalg.norm(ref) / np.linalg.norm(x) < 3
+    assert rel(runtime.session(gpu.fused_model(q4)).run(None, {"X": x})[0], ref) < 1e-5
+    x16 = x.astype(np.float16)
+    assert rel(runtime.session(gpu.nbits_model(q4)).run(None, {"X": x16})[0], ref) < 3e-3
+    assert rel(runtime.session(gpu.dense_model(q4)).run(None, {"X": x16})[0], ref) < 3e-3
+
+    ref = x.astype(np.float64)
+    for lay, (a, b) in zip(q2, lr):
+        ref = ref @ (lay.dense().astype(np.float64) + a.dense().astype(np.float64) @ b.dense())
+    assert rel(runtime.session(gpu.fused_model(q2, lr)).run(None, {"X": x})[0], ref) < 1e-5
+    assert sum(l.nbytes() for l in q4) == sum(K * N // 2 + K * N // 32 * 2 + N * (K // 32 // 2)
+                                               for K, N in shapes)
+
+
+def test_gpu_benchmark_without_cuda_says_so(capsys):
+    import onnxruntime as ort
+
+    from benchmarks import gpu
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    assert gpu.main(["--runs", "1"]) == 2
+    assert "CUDAExecutionProvider" in capsys.readouterr().err

@@ -377,6 +377,67 @@ def test_cuda_matches_reference(cuda_ops_lib, name, M):
     assert_close(y, reference(case, x), rtol=2e-5)
 
 
+# Layer sizes of real models: the depth is split across blocks (small N, long K), rows come in
+# several groups of 16, and 2-bit codes, low-rank factors and a bias share one launch.
+CUDA_LARGE_CASES = {
+    "q4_k4096_n1024_b32": dict(K=4096, N=1024, q=(4, 32), bias=True),
+    "q2_k2048_n96_b64": dict(K=2048, N=96, q=(2, 64)),
+    "q8_k1536_n384_b32": dict(K=1536, N=384, q=(8, 32)),
+    "q2_lowrank64_k3072_n768": dict(K=3072, N=768, q=(2, 32), lr=(64, 4, 32, 4, 32), bias=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("name", sorted(CUDA_LARGE_CASES))
+def test_cuda_large_matches_reference_and_repeats(cuda_ops_lib, name, M):
+    case = make_case(zlib.crc32(name.encode()) % 1000 + M, **CUDA_LARGE_CASES[name])
+    x = np.random.default_rng(M).normal(size=(M, case["K"])).astype(np.float32)
+    model = build_model(case, x.shape)
+    sess = runtime.session(model.SerializeToString(),
+                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert sess.get_providers()[0] == "CUDAExecutionProvider"
+    y = sess.run(None, {"X": x})[0]
+    assert np.isfinite(y).all()
+    assert_close(y, reference(case, x), rtol=2e-5)
+    # Partial sums over the split depth are added in a fixed order: bit-identical reruns.
+    for _ in range(3):
+        np.testing.assert_array_equal(sess.run(None, {"X": x})[0], y)
+
+
+_CUDA_GENERIC_SCRIPT = r"""
+import sys
+import numpy as np
+sys.path.insert(0, {root!r})
+import tests.custom_ops.test_fused_op as t
+from qsdonnx import runtime
+for name in ("q4_k4096_n1024_b32", "q2_lowrank64_k3072_n768"):
+    case = t.make_case(23, **t.CUDA_LARGE_CASES[name])
+    for M in (1, 9, 40):
+        x = np.random.default_rng(M).normal(size=(M, case["K"])).astype(np.float32)
+        sess = runtime.session(t.build_model(case, x.shape).SerializeToString(),
+                               providers=["CUDAExecutionProvider"])
+        t.assert_close(sess.run(None, {{"X": x}})[0], t.reference(case, x), rtol=2e-5)
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+def test_cuda_generic_kernels_on_word_layouts(cuda_ops_lib):
+    """QSDONNX_CUDA_GENERIC=1 sends layouts the word kernel takes to the generic kernels,
+    which must give the same products."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, QSDONNX_CUDA_GENERIC="1", QSDONNX_OPS_LIB=str(cuda_ops_lib))
+    proc = subprocess.run([sys.executable, "-c", _CUDA_GENERIC_SCRIPT.format(root=root)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
 @pytest.mark.parametrize("bits,block,K", [(4, 32, 100), (8, 32, 100), (2, 16, 70), (4, 64, 256)])
 def test_packing_matches_matmulnbits(ops_lib, bits, block, K):
     """The Q part agrees with ORT's com.microsoft.MatMulNBits on the same packed inputs."""
