@@ -3,8 +3,8 @@ import time
 import numpy as np
 import pytest
 
-from qsdonnx.factorize.gptq import gptq_factorize, gptq_quantize
-from qsdonnx.factorize.linalg import weighted_error
+from qsdonnx.factorize.gptq import gptq_factorize, gptq_quantize, refit_scales
+from qsdonnx.factorize.linalg import column_errors, weighted_error
 from qsdonnx.factorize.quantizers import code_range
 from qsdonnx.factorize.rtn import rtn_quantize
 
@@ -41,11 +41,46 @@ def test_gptq_identity_h_is_rtn(symmetric, K):
     rng = np.random.default_rng(K)
     W = rng.standard_normal((K, 20)).astype(np.float32)
     H = np.eye(K, dtype=np.float32) * 3.0
-    q = gptq_quantize(W, H, 4, 32, symmetric=symmetric)
+    q = gptq_quantize(W, H, 4, 32, symmetric=symmetric, refit=False)
     r = rtn_quantize(W, 4, 32, symmetric=symmetric)
     np.testing.assert_array_equal(q.scales, r.scales)
     np.testing.assert_array_equal(q.codes, r.codes)
     assert weighted_error(W, q.dequantize(), H) == pytest.approx(weighted_error(W, r.dequantize(), H))
+
+
+@pytest.mark.parametrize("bits,block,symmetric", [(2, 64, False), (3, 32, True), (4, 128, False)])
+def test_refit_scales_never_worse_per_column_and_better_overall(bits, block, symmetric):
+    rng = np.random.default_rng(bits)
+    K, N = 160, 40  # a partial last block when block does not divide K
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    H = correlated_h(K, rng)
+    q = gptq_quantize(W, H, bits, block, symmetric=symmetric, act_order=True, refit=False)
+    f = refit_scales(q, W, H)
+    np.testing.assert_array_equal(f.codes, q.codes)
+    before, after = column_errors(W, q.dequantize(), H), column_errors(W, f.dequantize(), H)
+    assert np.all(after <= before)
+    assert after.sum() < 0.97 * before.sum()
+    assert f.nbytes() == q.nbytes()
+    # the stored scales keep their signs and are exact in the scale type
+    assert np.all(np.sign(f.stored_scales()) == np.sign(q.stored_scales()))
+    np.testing.assert_array_equal(f.scales.astype(np.float16).astype(np.float32), f.scales)
+
+
+def test_refit_scales_solves_the_least_squares_problem():
+    """With float32 scales and a column whose scales have slack, the refit matches a direct
+    least-squares solve of min_s (w - C s)ᵀ H (w - C s)."""
+    rng = np.random.default_rng(5)
+    K, N, block = 96, 6, 32
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    H = correlated_h(K, rng).astype(np.float64)
+    q = rtn_quantize(W, 3, block, symmetric=True, scale_dtype="float32")
+    f = refit_scales(q, W, H)
+    for n in range(N):
+        C = np.zeros((K, K // block))
+        for b in range(K // block):
+            C[b * block:(b + 1) * block, b] = q.codes[b * block:(b + 1) * block, n]
+        s = np.linalg.solve(C.T @ H @ C, C.T @ H @ W[:, n].astype(np.float64))
+        np.testing.assert_allclose(f.scales[:, n], s, rtol=1e-4)
 
 
 def test_gptq_dead_inputs_and_singular_h():
