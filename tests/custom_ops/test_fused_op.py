@@ -367,18 +367,22 @@ def cuda_ops_lib(tmp_path_factory):
 @pytest.mark.parametrize("M", [1, 5, 16, 37, 130])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cuda_matches_reference(cuda_ops_lib, name, M):
-    case = make_case(zlib.crc32(name.encode()) % 1000 + M, **CASES[name])
+    case, x, sess = cuda_case(name, CASES[name], M)
+    assert_close(sess.run(None, {"X": x})[0], reference(case, x), rtol=2e-5)
+
+
+def cuda_case(name, spec, M):
+    """A case, its input of M rows and a session on the CUDA execution provider."""
+    case = make_case(zlib.crc32(name.encode()) % 1000 + M, **spec)
     x = np.random.default_rng(M).normal(size=(M, case["K"])).astype(np.float32)
-    model = build_model(case, x.shape)
-    sess = runtime.session(model.SerializeToString(),
+    sess = runtime.session(build_model(case, x.shape).SerializeToString(),
                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert sess.get_providers()[0] == "CUDAExecutionProvider"
-    y = sess.run(None, {"X": x})[0]
-    assert_close(y, reference(case, x), rtol=2e-5)
+    return case, x, sess
 
 
 # Layer sizes of real models: the depth is split across blocks (small N, long K), rows come in
-# several groups of 16, and 2-bit codes, low-rank factors and a bias share one launch.
+# several groups of 8, and 2-bit codes, low-rank factors and a bias share one launch.
 CUDA_LARGE_CASES = {
     "q4_k4096_n1024_b32": dict(K=4096, N=1024, q=(4, 32), bias=True),
     "q2_k2048_n96_b64": dict(K=2048, N=96, q=(2, 64)),
@@ -391,12 +395,7 @@ CUDA_LARGE_CASES = {
 @pytest.mark.parametrize("M", [1, 3, 16, 17, 64])
 @pytest.mark.parametrize("name", sorted(CUDA_LARGE_CASES))
 def test_cuda_large_matches_reference_and_repeats(cuda_ops_lib, name, M):
-    case = make_case(zlib.crc32(name.encode()) % 1000 + M, **CUDA_LARGE_CASES[name])
-    x = np.random.default_rng(M).normal(size=(M, case["K"])).astype(np.float32)
-    model = build_model(case, x.shape)
-    sess = runtime.session(model.SerializeToString(),
-                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert sess.get_providers()[0] == "CUDAExecutionProvider"
+    case, x, sess = cuda_case(name, CUDA_LARGE_CASES[name], M)
     y = sess.run(None, {"X": x})[0]
     assert np.isfinite(y).all()
     assert_close(y, reference(case, x), rtol=2e-5)
