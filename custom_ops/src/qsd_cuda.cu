@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 
 namespace qsd {
@@ -516,11 +517,13 @@ class Workspace {
     constexpr int kDevices = 64;
     static cudaMemPool_t pools[kDevices] = {};
     static bool tried[kDevices] = {};
+    static std::mutex mu;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
       cudaGetLastError();
       return nullptr;
     }
+    std::lock_guard<std::mutex> lock(mu);
     if (!tried[dev]) {
       tried[dev] = true;
       int supported = 0;
