@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .gptq import gptq_quantize, gptq_quantize_prepared, refit_scales, upper_inverse_cholesky
+from .gptq import gptq_quantize, gptq_quantize_prepared, upper_inverse_cholesky
 from .linalg import cholesky_lower, device, to_numpy, to_torch
 from .svd import weighted_svd_prepared
 from .types import DenseMatrix, Factor, Factorization
@@ -64,7 +64,7 @@ def quantized_lowrank_fit(A: np.ndarray, H: torch.Tensor, C: torch.Tensor, U_H: 
         B = HL.T @ At
         Rls = torch.linalg.solve(_ridge(G, 1e-8), B)
         right = gptq_quantize(to_numpy(Rls), to_numpy(G), bits, block_size, symmetric,
-                              scale_dtype, damp)
+                              scale_dtype, damp, refit=False)
         Rh = to_torch(right.dequantize(), dev, torch.float64)
         err = max(base - 2.0 * float((Rh * B).sum()) + float((Rh * (G @ Rh)).sum()), 0.0)
         if best is None or err < best[2]:
@@ -114,7 +114,6 @@ def caldera_factorize(W: np.ndarray, H: np.ndarray, rank: int, bits_q: int,
     best = None
     for _ in range(max(1, iters)):
         q = gptq_quantize_prepared(W - LR, U_H, bits_q, block_size, symmetric, scale_dtype)
-        q = refit_scales(q, W - LR, H)
         Qd = q.dequantize()
         left, right, _ = quantized_lowrank_fit(W - Qd, Ht, C, U_H, rank, bits_lr, block_size,
                                                symmetric, scale_dtype, dense_dtype, lr_iters, damp)
