@@ -27,6 +27,7 @@ CHAINS = {
     "4096↔14336 ×8": [(4096, 14336), (14336, 4096)] * 4,
 }
 ROWS = (1, 4, 16, 128)
+COMPARED = ("MatMulNBits 4-bit (fp16 X)", "QsdMatMul 4-bit")  # same codes as the fp16 model
 BLOCK = 32
 RANK = 64
 
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
                     if k == "fp16 MatMul" or args.variants in k}
         runners = {k: Runner(build(), dt) for k, (build, dt, _) in variants.items()}
         results = {k: {} for k in runners}
-        diffs = {k: 0.0 for k in ("MatMulNBits 4-bit (fp16 X)", "QsdMatMul 4-bit") if k in runners}
+        diffs = {k: 0.0 for k in COMPARED if k in runners}
         for M in rows:
             x = rng.normal(size=(M, shapes[0][0])).astype(np.float32)
             for r in runners.values():
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
                 for _ in range(3):
                     r.run()
             ref = runners["fp16 MatMul"].output()
-            for k in [k for k in ("MatMulNBits 4-bit (fp16 X)", "QsdMatMul 4-bit") if k in runners]:
+            for k in diffs:
                 d = np.linalg.norm(runners[k].output() - ref) / np.linalg.norm(ref)
                 diffs[k] = max(diffs[k], float(d))
             times = {k: [] for k in runners}

@@ -106,10 +106,13 @@ def refit_scales(q: QuantizedMatrix, W: np.ndarray, H: np.ndarray) -> QuantizedM
     s_new = np.nan_to_num(s_new).astype(np.float32).astype(q.scale_dtype).astype(np.float32)
     # error(s) = wᵀHw − 2 sᵀr + sᵀAs: compare old and new scales without forming the errors
     s_old = q.stored_scales()
-    so, sn = torch.from_numpy(s_old.T.astype(np.float64)), torch.from_numpy(s_new.T.astype(np.float64))
-    quad_o = (so * (A @ so.unsqueeze(-1)).squeeze(-1)).sum(1)
-    quad_n = (sn * (A @ sn.unsqueeze(-1)).squeeze(-1)).sum(1)
-    gain = (quad_o - quad_n - 2 * ((so - sn) * r).sum(1)).numpy()  # old error minus new
+    so, sn = (torch.from_numpy(s.T.astype(np.float64)) for s in (s_old, s_new))
+
+    def quad(s: torch.Tensor) -> torch.Tensor:  # sᵀAs per column
+        return (s * (A @ s.unsqueeze(-1)).squeeze(-1)).sum(1)
+
+    quad_o = quad(so)
+    gain = (quad_o - quad(sn) - 2 * ((so - sn) * r).sum(1)).numpy()  # old error minus new
     same_sign = np.all((np.sign(s_new) == np.sign(s_old)) & (s_new != 0), axis=0)
     keep_new = same_sign & (gain > 1e-6 * np.abs(quad_o.numpy()))
     scales = np.where(keep_new[None, :], s_new, q.scales).astype(np.float32)

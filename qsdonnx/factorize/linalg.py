@@ -84,12 +84,6 @@ def weighted_error(W: np.ndarray, What: np.ndarray, H: np.ndarray | None) -> flo
     return float((E * (Ht @ E)).sum())
 
 
-def column_errors(W: np.ndarray, What: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """Per column ``(w - ŵ)ᵀ H (w - ŵ)``, in float64: the columns' shares of :func:`weighted_error`."""
-    E = torch.from_numpy(np.asarray(W, np.float64) - np.asarray(What, np.float64))
-    return (E * (torch.from_numpy(np.asarray(H, np.float64)) @ E)).sum(0).numpy()
-
-
 def weighted_error_fast(W: np.ndarray, What: np.ndarray, H: np.ndarray | None) -> float:
     """:func:`weighted_error` in float32 (no float64 copies of ``H`` and the error): for
     comparing candidates, where seven significant digits are plenty."""
