@@ -8,6 +8,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .factorize.packing import pack_bits
+from .factorize.types import container_width
 
 NP_TO_ONNX = {
     "float32": onnx.TensorProto.FLOAT,
@@ -25,15 +26,10 @@ INT_TYPES = {
 }
 
 
-def container_bits(bits: int) -> int:
-    """ONNX has 2-, 4- and 8-bit integer types; 3-bit codes travel in 4-bit ones."""
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
 def int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.TensorProto:
     """A packed INT2/INT4/INT8 (or unsigned) tensor: flat row-major order, first value in the
     lowest bits of each byte, values two's complement when signed."""
-    cbits = container_bits(bits)
+    cbits = container_width(bits)
     dtype = INT_TYPES[(cbits, signed)]
     flat = np.asarray(values).astype(np.int64).ravel()
     mask = (1 << cbits) - 1
@@ -83,6 +79,7 @@ class GraphEdit:
         # protobuf hands out new wrapper objects on each access, so nodes are keyed by name.
         self.index = {node_key(n): i for i, n in enumerate(self.graph.node)}
         self.removed_weights: set[str] = set()
+        self.shared: dict = {}  # small constants reused by every weight, by value
 
     def unique(self, base: str) -> str:
         name, k = base, 1

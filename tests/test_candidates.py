@@ -18,7 +18,7 @@ def test_caldera_may_drop_the_low_rank_term():
     assert ranked and all(c.rank > 0 for c in ranked)
     assert 2 in {c.bits for c in ranked}  # the 2-bit backbone with a correction is CALDERA's point
     # rank 0: the LDLQ/GPTQ backbone alone, at every planner grid
-    assert {(c.bits, c.block_size) for c in plain} == {(b, k) for b in (2, 4, 8) for k in (32, 64, 128)}
+    assert {(c.bits, c.block_size) for c in plain} == {(b, k) for b in (2, 3, 4, 8) for k in (32, 64, 128)}
     assert all(c.rank == 0 for c in plain)
 
 

@@ -15,10 +15,12 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qsdonnx
+from qsdonnx.factorize.packing import unpack_stream
 from conftest import (
     MIN_ELEMENTS, MODEL_BUILDERS, conv_model, default_opset, feeds_for, file_state, gemm_model, low_rank,
     make_model, matmul_model, ops, randn, rel_l2, run_model, save, shared_weight_model, two_layer_model,
@@ -431,17 +433,21 @@ def test_report_json_totals(tmp_path):
     (4, False, 4.625),   # + 4-bit zero point / 32
     (8, True, 8.5),
     (2, True, 2.5),
-    (3, True, 4.5),      # 3-bit codes live in 4-bit containers and are counted as such
+    (3, True, 3.5),      # 3-bit codes are stored as a 3-bit stream
+    (3, False, 3.625),   # + zero points in their 4-bit container
 ])
 def test_exact_bits_per_weight(tmp_path, bits, symmetric, bpw):
     src, dst, res = optimize_file(tmp_path, "matmul", method="rtn", bits=bits, block_size=32,
                                   symmetric=symmetric, scale_dtype="float16")
     [layer] = res.report.layers
-    assert layer["bpw"] == bpw
-    assert res.report.totals["bits_per_weight"] == bpw
-    # the bytes reported are the bytes in the file
     out = onnx.load(str(dst))
-    assert initializer_bytes(out, "W.qsd") == layer["bytes_after"] == bpw * 128 * 64 / 8
+    # constants shared by every weight (the 3-bit stream's decoding) are counted with the first
+    shared = initializer_bytes(out, "qsd.")
+    assert shared < 100 and (shared > 0) == (bits == 3)
+    assert layer["bpw"] == pytest.approx(bpw + 8.0 * shared / (128 * 64), abs=1e-12)
+    assert res.report.totals["bits_per_weight"] == layer["bpw"]
+    # the bytes reported are the bytes in the file
+    assert initializer_bytes(out, "W.qsd") + shared == layer["bytes_after"] == bpw * 128 * 64 / 8 + shared
 
 
 def test_fp32_scales_cost_more(tmp_path):
@@ -505,25 +511,45 @@ def test_two_bit_needs_opset_25(tmp_path, kind):
         assert 0 < l["rel_error"] < 0.75
 
 
-def test_three_bit(tmp_path):
-    src, dst, res = optimize_file(tmp_path, "matmul", method="rtn", bits=3)
+def folded_initializers(path) -> dict[str, np.ndarray]:
+    """The model's initializers after ONNX Runtime's constant folding (basic level)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(path) + ".folded.onnx"
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    folded = onnx.load(so.optimized_model_filepath)
+    return {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}, folded
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_three_bit_stream(tmp_path, symmetric):
+    src, dst, res = optimize_file(tmp_path, "matmul", method="rtn", bits=3, symmetric=symmetric)
     out = onnx.load(str(dst))
-    assert default_opset(out) == 21  # 3-bit codes travel as INT4: no need for opset 25
-    err3 = worst_rel_l2(src, dst, feeds_for(matmul_model()))
-    assert err3 < 0.35
-    codes = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "W.qsd.Q"))
-    assert codes.min() >= -4 and codes.max() <= 3  # only the 3-bit range of the INT4 container is used
-    assert codes.min() == -4 or codes.max() == 3
+    onnx.checker.check_model(out, full_check=True)
+    assert default_opset(out) == 21  # 3-bit codes widen to INT4: no need for opset 25
+    inits = {t.name: t for t in out.graph.initializer}
+    stream = numpy_helper.to_array(inits["W.qsd.Q_stream"])
+    assert stream.dtype == np.uint8 and stream.size == 128 * 64 * 3 // 8  # 3 bits per code
+    u = unpack_stream(stream, 3, 128 * 64).reshape(128, 64).astype(np.int64)
+    assert u.max() == 7 and u.min() >= 0  # the whole 3-bit range, nothing more
+    codes = u - 4 if symmetric else u
+    # at load time ONNX Runtime folds the decoding into the INT4/UINT4 tensor it widens to
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+    folded = onnx.load(so.optimized_model_filepath)
+    assert not any(n.op_type in ("Mod", "Div", "ReduceSum") for n in folded.graph.node)
+    [dq] = [n for n in folded.graph.node if n.op_type == "DequantizeLinear"]
+    widened = {t.name: t for t in folded.graph.initializer}[dq.input[0]]
+    assert widened.data_type == (TensorProto.INT4 if symmetric else TensorProto.UINT4)
+    np.testing.assert_array_equal(numpy_helper.to_array(widened), codes)
+    # decoded on every run (no folding) or folded once: the same outputs
+    feeds = feeds_for(matmul_model())
+    np.testing.assert_array_equal(run_model(dst, feeds)[0], run_model(dst, feeds, "basic")[0])
+    assert worst_rel_l2(src, dst, feeds) < 0.35
 
 
-def test_three_bit_asymmetric_codes_in_range(tmp_path):
-    _, dst, _ = optimize_file(tmp_path, "matmul", method="rtn", bits=3, symmetric=False)
-    out = onnx.load(str(dst))
-    codes = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "W.qsd.Q"))
-    assert codes.min() >= 0 and codes.max() <= 7 and codes.max() == 7
-
-
-# ---------------------------------------------------------------------------------------------
 # (m) LPLR under a budget
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [2.0, 3.0, 4.5])
@@ -599,6 +625,28 @@ def test_gather_embedding(tmp_path, bits, symmetric, floor):
     assert y.shape == (2, 5, 64)
     assert rel_l2(T[ids], y) < floor
     assert rel_l2(T[ids], y) == pytest.approx(layer["rel_error"], rel=0.5)
+
+
+@pytest.mark.parametrize("width,symmetric", [(64, True), (64, False), (60, True)])
+def test_gather_embedding_three_bit(tmp_path, width, symmetric):
+    """3-bit tables are stored as a 3-bit stream per row (rows padded to 8 codes) and the
+    gathered rows are decoded at run time."""
+    T = randn((256, width), 45)
+    model = make_model([helper.make_node("Gather", ["T", "ids"], ["Y"], name="emb")],
+                       [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+                       [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 5, width])],
+                       [numpy_helper.from_array(T, "T")])
+    src, dst, res = optimize_file(tmp_path, model, method="rtn", bits=3, symmetric=symmetric, block_size=32)
+    [layer] = res.report.layers
+    assert layer["status"] == "compressed" and layer["bits"] == 3
+    codes = next(t for t in onnx.load(str(dst)).graph.initializer if t.name == "T.qsd.codes")
+    assert numpy_helper.to_array(codes).shape == (256, -(-width // 8), 3)
+    ids = np.array([[0, 255, 17, 3, 3], [128, 1, 254, 64, 9]], np.int64)
+    for level in ("disable_all", "all"):
+        y = run_model(dst, {"ids": ids}, level)[0]
+        assert y.shape == (2, 5, width)
+        assert rel_l2(T[ids], y) < 0.3
+        assert rel_l2(T[ids], y) == pytest.approx(layer["rel_error"], rel=0.5)
 
 
 def test_validation_uses_given_inputs_and_shapes(tmp_path):

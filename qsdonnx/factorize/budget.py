@@ -8,17 +8,18 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .types import index_dtype_for, num_blocks, packed_nbytes
+from .types import container_width, index_dtype_for, num_blocks, packed_nbytes
 
 
 def quantized_nbytes(rows: int, cols: int, bits: int, block_size: int, symmetric: bool = True,
                      scale_dtype: str = "float16") -> int:
     """Bytes of a ``(rows, cols)`` :class:`QuantizedMatrix` (blocks along rows):
-    ``cols * ceil(rows*b/8) + kb*cols*|scale| + [asymmetric] cols * ceil(kb*b/8)``."""
+    ``cols * ceil(rows*b/8) + kb*cols*|scale| + [asymmetric] cols * ceil(kb*c/8)``, with zero
+    points at the container width ``c`` (:func:`container_width`)."""
     kb = num_blocks(rows, block_size)
     n = cols * packed_nbytes(rows, bits) + kb * cols * np.dtype(scale_dtype).itemsize
     if not symmetric:
-        n += cols * packed_nbytes(kb, bits)
+        n += cols * packed_nbytes(kb, container_width(bits))
     return n
 
 

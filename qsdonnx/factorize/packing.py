@@ -14,6 +14,29 @@ from .types import QuantizedMatrix, num_blocks
 
 PACK_BITS = (1, 2, 4, 8)
 NBITS_BITS = (2, 4, 8)
+def pack_stream(values_u8: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-bit codes (any shape, flattened in row-major order) into groups of
+    8 codes per ``bits`` bytes: group ``g`` is the little-endian integer
+    ``sum_j v[8g + j] << (j * bits)`` written as ``bits`` bytes.  The code count is padded with
+    zeros to a multiple of 8; returns ``(ceil(n / 8), bits)`` uint8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"stream packing takes 1 to 8 bits, got {bits}")
+    v = np.asarray(values_u8).reshape(-1)
+    if v.size and (v.min() < 0 or v.max() >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits}-bit packing")
+    pad = (-v.size) % 8
+    v = np.concatenate([v.astype(np.uint64), np.zeros(pad, np.uint64)]).reshape(-1, 8)
+    word = (v << (np.arange(8, dtype=np.uint64) * np.uint64(bits))).sum(axis=1, dtype=np.uint64)
+    out = (word[:, None] >> (np.arange(bits, dtype=np.uint64) * np.uint64(8))) & np.uint64(255)
+    return out.astype(np.uint8)
+
+
+def unpack_stream(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_stream`: the first ``count`` codes (uint8, flat)."""
+    p = np.asarray(packed, dtype=np.uint8).reshape(-1, bits).astype(np.uint64)
+    word = (p << (np.arange(bits, dtype=np.uint64) * np.uint64(8))).sum(axis=1, dtype=np.uint64)
+    v = (word[:, None] >> (np.arange(8, dtype=np.uint64) * np.uint64(bits))) & np.uint64((1 << bits) - 1)
+    return v.reshape(-1)[:count].astype(np.uint8)
 
 
 def _check_pack_bits(bits: int) -> None:
@@ -75,8 +98,8 @@ def to_matmulnbits(qm: QuantizedMatrix, bits: Optional[int] = None
       order (the caller casts to the model's float type).
     * ``zero_points``: uint8 ``(N, ceil(k_blocks * bits / 8))`` packed low bits first.
 
-    ``bits`` is the container width (default: the smallest of 2/4/8 holding ``qm.bits``, so 3-bit
-    codes travel in 4-bit containers).  Symmetric codes ``c`` become ``u = c + 2^(bits-1)`` with
+    ``bits`` is the container width (default: the smallest of 2/4/8 holding ``qm.bits``; the
+    lowering stores 3-bit codes at 3 bits and rebuilds this 4-bit layout from them).  Symmetric codes ``c`` become ``u = c + 2^(bits-1)`` with
     zero point ``2^(bits-1)``; asymmetric codes and zero points are kept, so in both cases
     ``(u - z) * s`` equals ``qm.dequantize()``.
     """

@@ -12,7 +12,8 @@ Conventions, shared by every algorithm and every lowering:
   signed codes in ``[-2^(b-1), 2^(b-1) - 1]`` and no zero point; asymmetric has unsigned codes
   in ``[0, 2^b - 1]`` and an unsigned zero point of the same bit width.
 * Byte counts follow the honest rule: codes packed at ``bits`` per value (rows padded to a
-  whole byte), scales at their stored width, zero points packed at ``bits``.
+  whole byte), scales at their stored width, zero points packed at the container width
+  (:func:`container_width`: 4 bits for 3-bit codes).
 """
 from __future__ import annotations
 
@@ -24,6 +25,19 @@ import numpy as np
 
 def num_blocks(length: int, block_size: int) -> int:
     return (length + block_size - 1) // block_size
+
+
+CONTAINER_BITS = (2, 4, 8)  # the integer widths ONNX (INT2/INT4/INT8) and MatMulNBits hold
+
+
+def container_width(bits: int) -> int:
+    """The smallest of 2, 4 and 8 bits that holds a ``bits``-bit code.  Codes of other widths
+    (3, 5, 6, 7) are stored at their own width as a bit stream and widened to this container
+    by constant nodes when the model loads; zero points (one per block) stay in it."""
+    for b in CONTAINER_BITS:
+        if bits <= b:
+            return b
+    raise ValueError(f"no integer container holds {bits}-bit codes")
 
 
 def packed_nbytes(count: int, bits: int) -> int:
@@ -68,7 +82,7 @@ class QuantizedMatrix:
         n = N * packed_nbytes(K, self.bits)
         n += self.scales.size * np.dtype(self.scale_dtype).itemsize
         if self.zero_points is not None:
-            n += N * packed_nbytes(self.zero_points.shape[0], self.bits)
+            n += N * packed_nbytes(self.zero_points.shape[0], container_width(self.bits))
         return n
 
 
@@ -160,7 +174,7 @@ class SparseQuantizedMatrix:
         n += cols * packed_nbytes(k, self.bits)
         n += self.scales.size * np.dtype(self.scale_dtype).itemsize
         if self.zero_points is not None:
-            n += cols * packed_nbytes(self.zero_points.shape[0], self.bits)
+            n += cols * packed_nbytes(self.zero_points.shape[0], container_width(self.bits))
         return n
 
 

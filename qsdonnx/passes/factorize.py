@@ -17,7 +17,6 @@ from ..factorize.svd import svd_factorize
 from ..factorize.types import Factorization
 from ..config import DATA_AWARE_METHODS, LOWRANK_METHODS, OptimizeConfig
 from ..errors import ConfigError
-from ..graph import container_bits
 from .base import Context, Pass, WeightRecord
 
 log = logging.getLogger("qsdonnx")
@@ -41,9 +40,9 @@ class LayerChoice:
     rank: int = 0
 
     def nbytes(self, K: int, N: int, cfg: OptimizeConfig, dense_dtype: str = "float32") -> int:
-        """Stored bytes; 3-bit codes are costed at 4 bits since every lowering stores them in
-        4-bit containers."""
-        c = self.container()
+        """Stored bytes: codes at their own width (3-bit codes are stored as a 3-bit stream in
+        every format), zero points at the container width."""
+        c = self.bits
         if self.method == "pq":  # block_size is the sub-vector length
             return pq_nbytes(K, N, self.block_size, scale_dtype=cfg.scale_dtype)
         if self.method in ("rtn", "gptq"):
@@ -58,9 +57,6 @@ class LayerChoice:
         if self.method == "qsd" and cfg.sparsity > 0:
             return qsd_nbytes(K, N, self.rank, c, self.block_size, cfg.sparsity, cfg.symmetric, cfg.scale_dtype)
         return lowrank_nbytes(K, N, self.rank, c, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
-
-    def container(self) -> int:
-        return container_bits(self.bits)
 
     def label(self) -> str:
         if self.method == "pq":
@@ -221,7 +217,7 @@ class FactorizeWeightsPass(Pass):
 
 PQ_SUB_DIMS = {2: 4, 4: 2, 8: 1}  # code bits per value -> sub-vector length (8-bit codes)
 PLAN_PQ_BITS = (2,)  # the planner's product-quantized table setting (finer ones cost more time than they gain)
-PLAN_BITS = (2, 4, 8)  # 3-bit codes cost as much as 4-bit ones in every container
+PLAN_BITS = (2, 3, 4, 8)
 PLAN_BLOCKS = (32, 64, 128)
 PLAN_RANK_BPW = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # low-rank candidates: ranks spending these bpw
 

@@ -13,7 +13,8 @@ from onnx import numpy_helper
 
 from ..factorize.packing import to_matmulnbits
 from ..factorize.types import QuantizedMatrix
-from ..graph import container_bits, float_tensor, node_key
+from ..factorize.types import container_width
+from ..graph import float_tensor, node_key
 from ..runtime import DOMAIN, OP_NAME, OP_VERSION, register_onnx_schema
 from .bias import GraphIndex, bias_add_of
 from .canonicalize import node_attrs
@@ -42,7 +43,7 @@ class LowerFusedPass(LowerQdqPass):
     def _packed(self, em: QdqEmitter, label: str, m: QuantizedMatrix) -> list[str]:
         B, scales, zp = to_matmulnbits(m)
         return [
-            em.edit.add_initializer(numpy_helper.from_array(B, f"{em.base}.{label}_nbits")),
+            em.nbits_codes(label, m, B),
             em.edit.add_initializer(float_tensor(f"{em.base}.{label}_scale", scales, "float16")),
             em.edit.add_initializer(numpy_helper.from_array(zp, f"{em.base}.{label}_zero_point")),
         ]
@@ -68,12 +69,12 @@ class LowerFusedPass(LowerQdqPass):
                             has_sparse=0, has_bias=0, act_int8=1 if self.accuracy_level >= 4 else 0)
             if f.q is not None:
                 inputs[1:4] = self._packed(em, "Q", f.q)
-                op_attrs.update(q_bits=container_bits(f.q.bits), q_block=f.q.block_size)
+                op_attrs.update(q_bits=container_width(f.q.bits), q_block=f.q.block_size)
             if f.left is not None:
                 inputs[4:7] = self._packed(em, "L", f.left)
                 inputs[7:10] = self._packed(em, "R", f.right)
-                op_attrs.update(rank=f.rank, l_bits=container_bits(f.left.bits), l_block=f.left.block_size,
-                                r_bits=container_bits(f.right.bits), r_block=f.right.block_size)
+                op_attrs.update(rank=f.rank, l_bits=container_width(f.left.bits), l_block=f.left.block_size,
+                                r_bits=container_width(f.right.bits), r_block=f.right.block_size)
             if f.sparse is not None:
                 sp = f.sparse
                 order = np.lexsort((sp.cols, sp.rows))

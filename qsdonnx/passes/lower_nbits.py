@@ -1,9 +1,9 @@
 """``--format nbits``: each quantized matrix multiplies through ``com.microsoft.MatMulNBits``.
 
 MatMulNBits fuses dequantization into the matmul (ORT CPU and CUDA kernels).  A matrix it cannot
-take (3-bit codes are carried in 4-bit containers; a block that is not a power of two ≥ 16;
-a dense factor) keeps the portable DequantizeLinear form, with the reason recorded; Conv and
-Gather weights always do.
+take (a block that is not a power of two ≥ 16; a dense factor) keeps the portable
+DequantizeLinear form, with the reason recorded; Conv and Gather weights always do.  3-bit codes
+are stored at 3 bits and widened to the 4-bit layout by constant nodes.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from onnx import numpy_helper
 
 from ..factorize.packing import to_matmulnbits
 from ..factorize.types import QuantizedMatrix
-from ..graph import container_bits, float_tensor
+from ..factorize.types import container_width
+from ..graph import float_tensor
 from .lower_qdq import LowerQdqPass, QdqEmitter
 
 MS_DOMAIN = "com.microsoft"
@@ -39,9 +40,9 @@ class NbitsEmitter(QdqEmitter):
             self.rec.extra.setdefault("fallback", []).append(f"{part}: {why} (DequantizeLinear)")
             return super().matmul(x, part, m, tag)
         B, scales, zp = to_matmulnbits(m)
-        cbits = container_bits(m.bits)
+        cbits = container_width(m.bits)
         K, N = m.shape
-        b_name = self.edit.add_initializer(numpy_helper.from_array(B, f"{self.base}.{part}_nbits"))
+        b_name = self.nbits_codes(part, m, B)
         s_name = self.edit.add_initializer(float_tensor(f"{self.base}.{part}_scale",
                                                         scales.reshape(N, -1), m.scale_dtype))
         if m.scale_dtype != self.dtype:

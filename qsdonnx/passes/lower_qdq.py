@@ -13,10 +13,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..factorize.packing import pack_bits
+from ..factorize.packing import pack_bits, pack_stream, unpack_bits
 from ..factorize.pq import ProductQuantizedMatrix
-from ..factorize.types import DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix
-from ..graph import GraphEdit, node_key, container_bits, float_tensor, int_tensor
+from ..factorize.types import (DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix,
+                               container_width)
+from ..graph import INT_TYPES, GraphEdit, node_key, float_tensor, int_tensor
 from .base import Context, Pass, WeightRecord
 from .canonicalize import node_attrs
 
@@ -80,7 +81,7 @@ class QdqEmitter:
             width = codes.shape[1]
             store_bits = m.bits
             pad = 0
-            if container_bits(m.bits) == 2 and width % 4:
+            if container_width(m.bits) == 2 and width % 4:
                 # ONNX Runtime 1.31 decodes 2-bit DequantizeLinear inputs wrongly when the last
                 # dimension is not a multiple of 4.  Columns (not the blocked axis) are padded
                 # with zero codes and sliced off after; along the blocked axis the codes move to
@@ -93,7 +94,10 @@ class QdqEmitter:
                     scales = np.pad(scales, ((0, 0), (0, pad)), constant_values=1.0)
                     if zp is not None:
                         zp = np.pad(zp, ((0, 0), (0, pad)))
-            codes_name = self.edit.add_initializer(int_tensor(f"{self.base}.{part}", codes, store_bits, m.symmetric))
+            if store_bits == container_width(store_bits):
+                codes_name = self.edit.add_initializer(int_tensor(f"{self.base}.{part}", codes, store_bits, m.symmetric))
+            else:
+                codes_name = self.container_codes(part, codes, store_bits, m.symmetric)
             inputs = [codes_name, self.scales(part, m, scales)]
             if zp is not None:
                 inputs.append(self.edit.add_initializer(int_tensor(f"{self.base}.{part}_zero_point", zp, store_bits, False)))
@@ -110,6 +114,87 @@ class QdqEmitter:
                 out = sl.output[0]
         self._cache[key] = out
         return out
+
+    # -- codes of widths without an ONNX integer type (3, 5, 6, 7 bits) ------------------------
+    def _n(self, op: str, inputs: list[str], label: str, **attrs) -> str:
+        node = self.edit.node(op, inputs, f"{self.base}.{label}", **attrs)
+        self.prelude.append(node)
+        return node.output[0]
+
+    def shared_const(self, name: str, values, dtype: str) -> str:
+        """A small constant that depends only on ``name``, ``values`` and ``dtype``: stored once
+        per model (``qsd.<name>``) and reused by every weight."""
+        v = np.asarray(values).astype(dtype)
+        key = (name, dtype, v.shape, v.tobytes())
+        if key not in self.edit.shared:
+            self.edit.shared[key] = self.edit.add_initializer(numpy_helper.from_array(v, f"qsd.{name}"))
+        return self.edit.shared[key]
+
+    def narrow_codes(self, label: str, u: np.ndarray, bits: int) -> str:
+        """An integer tensor of the unsigned codes ``u`` (any shape, values below ``2^bits``),
+        stored as a ``bits``-bit stream (``pack_stream``) and unpacked by constant nodes, which
+        ONNX Runtime folds when it creates the session.  When the last axis is a multiple of 8
+        the stream keeps the leading axes, so every shape constant is shared between weights."""
+        last = u.shape[-1] if u.ndim else 1
+        if u.ndim and last % 8 == 0:
+            stream = pack_stream(u, bits).reshape(u.shape[:-1] + (last // 8, bits))
+            x = self.edit.add_initializer(numpy_helper.from_array(stream, f"{self.base}.{label}_stream"))
+            codes = unpack_stream_nodes(self._n, self.shared_const, x, bits, label)
+            keep = self.shared_const(f"reshape_keep{u.ndim - 1}_join", [0] * (u.ndim - 1) + [-1], "int64")
+            return self._n("Reshape", [codes, keep], f"{label}_codes")
+        stream = pack_stream(u, bits)
+        x = self.edit.add_initializer(numpy_helper.from_array(stream, f"{self.base}.{label}_stream"))
+        flat = self._n("Reshape", [unpack_stream_nodes(self._n, self.shared_const, x, bits, label),
+                                   self.shared_const("reshape_flat", [-1], "int64")], f"{label}_flat")
+        if stream.shape[0] * 8 != u.size:
+            flat = self._n("Slice", [flat, self.shared_const("slice_start", [0], "int64"),
+                                     self.const(f"{label}_count", np.array([u.size], np.int64), "int64")],
+                           f"{label}_trim")
+        return self._n("Reshape", [flat, self.const(f"{label}_shape", np.array(u.shape, np.int64), "int64")],
+                       f"{label}_codes")
+
+    def container_codes(self, part: str, codes: np.ndarray, bits: int, signed: bool) -> str:
+        """The INT4/UINT4 (INT8/UINT8 above 4 bits) tensor ``int_tensor`` would store for
+        ``codes``, rebuilt from a ``bits``-bit stream: signed codes are stored offset by
+        ``2^(bits-1)``."""
+        offset = 1 << (bits - 1) if signed else 0
+        u = (codes.astype(np.int64) + offset).astype(np.uint8)
+        v = self.narrow_codes(part, u, bits)
+        if offset:
+            v = self._n("Sub", [v, self.shared_const(f"code_offset{bits}", np.array(offset),
+                                                     "int32" if bits <= 3 else "int64")], f"{part}_signed")
+        return self._n("Cast", [v], f"{part}_container", to=INT_TYPES[(container_width(bits), signed)])
+
+    def packed_codes(self, part: str, packed: np.ndarray, bits: int, cbits: int, delta: int) -> str:
+        """A uint8 tensor equal to ``packed`` (unsigned codes packed ``8 / cbits`` per byte along
+        its last axis, as ``pack_bits`` writes them), stored at ``bits`` per code: the codes
+        minus ``delta`` are streamed, and constant nodes add ``delta`` back and repack them."""
+        per = 8 // cbits
+        width = packed.shape[-1] * per
+        v = unpack_bits(packed, cbits, width).astype(np.int64) - delta
+        codes = self.narrow_codes(part, v.astype(np.uint8), bits)
+        wide = "int32" if bits <= 3 else "int64"
+        if delta:
+            codes = self._n("Add", [codes, self.shared_const(f"code_delta{delta}", np.array(delta), wide)],
+                            f"{part}_shift")
+        nd = packed.ndim
+        grouped = self._n("Reshape", [codes, self.shared_const(
+            f"reshape_keep{nd - 1}_group{per}", [0] * (nd - 1) + [-1, per], "int64")], f"{part}_grouped")
+        place = self.shared_const(f"pack_place{cbits}", np.array([1 << (cbits * j) for j in range(per)]), wide)
+        total = self._n("ReduceSum", [self._n("Mul", [grouped, place], f"{part}_place"),
+                                      self.shared_const("axis_last", [-1], "int64")],
+                        f"{part}_bytes", keepdims=0)
+        return self._n("Cast", [total], f"{part}_packed", to=onnx.TensorProto.UINT8)
+
+    def nbits_codes(self, part: str, m: QuantizedMatrix, B: np.ndarray) -> str:
+        """The MatMulNBits code tensor ``B`` of ``m`` (``to_matmulnbits``): an initializer, or
+        rebuilt from ``m.bits``-bit codes when its container is wider.  Symmetric codes sit at
+        ``2^(c-1)`` in a ``c``-bit container and are streamed offset by ``2^(bits-1)``."""
+        cbits = container_width(m.bits)
+        if m.bits == cbits:
+            return self.edit.add_initializer(numpy_helper.from_array(B, f"{self.base}.{part}_nbits"))
+        delta = (1 << (cbits - 1)) - (1 << (m.bits - 1)) if m.symmetric else 0
+        return self.packed_codes(f"{part}_nbits", B, m.bits, cbits, delta)
 
     def sparse_factor(self, part: str, m: SparseQuantizedMatrix, transpose: bool) -> str:
         """A factor with ``k`` stored entries per column: the stored values are dequantized as a
@@ -294,6 +379,24 @@ def lower_conv(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Weigh
     return nodes
 
 
+def unpack_stream_nodes(n, const, x: str, bits: int, label: str) -> str:
+    """Nodes decoding ``x``, a ``pack_stream`` tensor of shape ``(..., G, bits)`` uint8, to its
+    codes ``(..., G, 8)``: each group is the integer ``w = Σ_i byte_i · 256^i`` and code ``j``
+    is ``w / 2^(j·bits) mod 2^bits`` (int32 up to 3 bits, int64 above, where ``w`` needs more
+    than 31 bits).  ``n(op, inputs, label, **attrs)`` adds a node and returns its output;
+    ``const(name, values, dtype)`` adds a constant."""
+    wide = "int32" if bits <= 3 else "int64"
+    to = onnx.TensorProto.INT32 if wide == "int32" else onnx.TensorProto.INT64
+    w = n("Cast", [x], f"{label}_wide", to=to)
+    w = n("Mul", [w, const(f"stream{bits}_byte_place", np.array([256 ** i for i in range(bits)]), wide)],
+          f"{label}_place")
+    w = n("ReduceSum", [w, const("axis_last", np.array([-1], np.int64), "int64")],
+          f"{label}_group", keepdims=1)
+    w = n("Div", [w, const(f"stream{bits}_code_place", np.array([1 << (bits * j) for j in range(8)]), wide)],
+          f"{label}_shift")
+    return n("Mod", [w, const(f"stream{bits}_code_mod", np.array(1 << bits), wide)], f"{label}_mod")
+
+
 def _node_maker(edit: GraphEdit, tag: str, nodes: list[onnx.NodeProto]):
     """``n(op, inputs, label, **attrs)``: adds node ``<tag>.qsd.<label>`` to ``nodes``, returns its output."""
     def n(op, inputs, label, **kw):
@@ -311,16 +414,26 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
         return lower_gather_pq(edit, em, node, qm)
     tag = node_key(node)
     D, V = qm.shape
-    bits = container_bits(qm.bits)
+    bits = container_width(qm.bits)
+    # Codes of a width without an integer container are stored per row as a stream of groups
+    # of 8 codes in ``qm.bits`` bytes; the gathered rows are decoded at run time.
+    narrow = qm.bits != bits
+    code_bits = qm.bits if narrow else bits
     B = qm.block_size
     kb = D // B
     if qm.symmetric:
-        u = (qm.codes.astype(np.int64) + (1 << (bits - 1))).T
+        u = (qm.codes.astype(np.int64) + (1 << (code_bits - 1))).T
         zp = None
     else:
         u = qm.codes.astype(np.int64).T
         zp = qm.zero_points.T  # (V, kb)
-    packed = pack_bits(u.astype(np.uint8), bits)  # (V, D*bits/8)
+    groups = -(-D // 8)
+    if narrow:
+        rows = np.zeros((V, groups * 8), np.uint8)
+        rows[:, :D] = u
+        packed = pack_stream(rows, code_bits).reshape(V, groups, code_bits)
+    else:
+        packed = pack_bits(u.astype(np.uint8), bits)  # (V, D*bits/8)
     codes = edit.add_initializer(numpy_helper.from_array(packed, f"{em.base}.codes"))
     scales = edit.add_initializer(float_tensor(f"{em.base}.scales", qm.scales.T, qm.scale_dtype))
     ids = node.input[1]
@@ -354,7 +467,17 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
                             em.const(f"{label}_ax", np.array([-1], np.int64), "int64")], f"{label}_trim")
         return g
 
-    g = gather_unpacked(codes, "codes", D)
+    if narrow:
+        g = unpack_stream_nodes(n, em.shared_const, n("Gather", [codes, ids], "gather_codes", axis=0),
+                                code_bits, "codes")  # (..., groups, 8)
+        if groups * 8 != D:
+            wide = n("Reshape", [g, n("Concat", [n("Shape", [ids], "ids_shape_codes"), em.const(
+                "codes_width", np.array([groups * 8], np.int64), "int64")], "codes_rows", axis=0)], "codes_rows")
+            g = n("Slice", [wide, em.const("codes_c0", np.array([0], np.int64), "int64"),
+                            em.const("codes_c1", np.array([D], np.int64), "int64"),
+                            em.const("codes_ax", np.array([-1], np.int64), "int64")], "codes_trim")
+    else:
+        g = gather_unpacked(codes, "codes", D)
     gs = n("Gather", [scales, ids], "gather_scales", axis=0)  # (..., kb)
     if qm.scale_dtype != em.dtype:
         gs = n("Cast", [gs], "scales_cast", to=em.onnx_dtype)
@@ -365,7 +488,7 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
     cf = n("Cast", [g], "codes_float", to=em.onnx_dtype)
     cb = n("Reshape", [cf, full], "codes_blocked")
     if zp is None:
-        z = em.const("zero_point", np.array(1 << (bits - 1)), em.dtype)
+        z = em.const("zero_point", np.array(1 << (code_bits - 1)), em.dtype)
         cz = n("Sub", [cb, z], "center")
     else:
         zpk = edit.add_initializer(numpy_helper.from_array(pack_bits(zp.astype(np.uint8), bits),

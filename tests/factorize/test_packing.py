@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from qsdonnx.factorize.packing import (dequantize_matmulnbits, pack_bits, to_matmulnbits,
-                                       unpack_bits)
+from qsdonnx.factorize.packing import (dequantize_matmulnbits, pack_bits, pack_stream, to_matmulnbits,
+                                       unpack_bits, unpack_stream)
 from qsdonnx.factorize.rtn import rtn_quantize
 
 
@@ -29,6 +29,24 @@ def test_pack_rejects_out_of_range():
         pack_bits(np.array([16], np.uint8), 4)
     with pytest.raises(ValueError):
         pack_bits(np.array([1], np.uint8), 3)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 7, 8])
+@pytest.mark.parametrize("n", [1, 8, 17, 64])
+def test_stream_roundtrip_and_size(bits, n):
+    rng = np.random.default_rng(bits * 10 + n)
+    v = rng.integers(0, 1 << bits, size=(2, n), dtype=np.uint8)
+    p = pack_stream(v, bits)
+    assert p.dtype == np.uint8 and p.shape == (-(-2 * n // 8), bits)  # exactly `bits` bytes per 8 codes
+    np.testing.assert_array_equal(unpack_stream(p, bits, 2 * n), v.ravel())
+
+
+def test_stream_layout_low_bits_first():
+    # codes 0..7 at 3 bits: 0b111_110_101_100_011_010_001_000 = 0xFAC688, little-endian bytes
+    assert pack_stream(np.arange(8, dtype=np.uint8), 3).tolist() == [[0x88, 0xC6, 0xFA]]
+    assert pack_stream(np.array([5], np.uint8), 3).tolist() == [[5, 0, 0]]  # padded with zero codes
+    with pytest.raises(ValueError):
+        pack_stream(np.array([8], np.uint8), 3)
 
 
 @pytest.mark.parametrize("bits,container", [(2, 2), (3, 4), (4, 4), (8, 8), (4, 8)])
