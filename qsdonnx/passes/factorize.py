@@ -327,10 +327,14 @@ class GlobalPlanPass(Pass):
             if not cands:
                 rec.skip("no compressed setting is smaller than the original")
                 continue
-            # Probe at the median size (close to where the plan will land) and at the cheapest
-            # (where damage can grow faster than the first-order model says).
+            # Probe where the plan will land (the setting nearest the budget's bits per weight;
+            # without a budget, the median size) and at the cheapest (where damage can grow
+            # faster than the first-order model says).
             order = sorted(range(len(cands)), key=lambda i: cands[i].nbytes)
-            picks = sorted({order[0], order[len(order) // 2]})
+            near = order[len(order) // 2]
+            if cfg.bits_per_weight is not None:
+                near = min(order, key=lambda i: abs(8.0 * cands[i].nbytes / rec.numel - cfg.bits_per_weight))
+            picks = sorted({order[0], near})
             probes[rec.name] = [(dense_of[i], cands[i].predicted_error) for i in picks]
             options.append(cands)
             kept.append(rec)
