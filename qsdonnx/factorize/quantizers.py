@@ -118,11 +118,12 @@ def quantize_with_grid(W: np.ndarray, scales: np.ndarray, zero_points: Optional[
 CLIP_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 9), 4))
 
 
-def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str
-             ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str,
+             row_weights: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Per block, the grid that minimizes the block's squared rounding error among the min/max
     grids of the range shrunk by each factor in ``CLIP_FACTORS``: clipping a few extreme values
-    buys a finer step for all the others (``Wb``: ``(k_blocks, block, N)``)."""
+    buys a finer step for all the others (``Wb``: ``(k_blocks, block, N)``).  ``row_weights``
+    (``(k_blocks, block)``) weights each row's error, e.g. by its input's energy ``diag(H)``."""
     lo, hi = Wb.min(axis=1), Wb.max(axis=1)
     qmin, qmax = code_range(bits, symmetric)
     best_err = best_s = best_z = None
@@ -130,7 +131,8 @@ def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str
         s, z = scales_from_range(lo * f, hi * f, bits, symmetric, scale_dtype)
         zz = 0.0 if z is None else z.astype(np.float32)[:, None, :]
         q = np.clip(np.round(Wb / s[:, None, :]) + zz, qmin, qmax)
-        err = (((q - zz) * s[:, None, :] - Wb) ** 2).sum(axis=1)
+        sq = ((q - zz) * s[:, None, :] - Wb) ** 2
+        err = (sq if row_weights is None else sq * row_weights[:, :, None]).sum(axis=1)
         if best_err is None:
             best_err, best_s, best_z = err, s, z
             continue

@@ -3,9 +3,10 @@ import time
 import numpy as np
 import pytest
 
-from qsdonnx.factorize.gptq import gptq_factorize, gptq_quantize, refit_scales
+from qsdonnx.factorize.gptq import (gptq_factorize, gptq_quantize, gptq_quantize_prepared, refit_scales,
+                                    upper_inverse_cholesky)
 from qsdonnx.factorize.linalg import weighted_error
-from qsdonnx.factorize.quantizers import code_range
+from qsdonnx.factorize.quantizers import code_range, mse_grid
 from qsdonnx.factorize.rtn import rtn_quantize
 
 
@@ -39,6 +40,44 @@ def test_gptq_beats_rtn_on_weighted_error(bits, symmetric, act_order):
         ratios.append(weighted_error(W, q.dequantize(), H) / weighted_error(W, r.dequantize(), H))
     assert max(ratios) <= 1.0
     assert np.mean(ratios) < 0.8
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_static_grids_weighted_by_input_energy(bits):
+    """With act_order the block grids are fixed up front; choosing each block's clipping by the
+    squared error weighted with diag(H) (the energy of each row's input) instead of the plain
+    squared error lowers the H-weighted error when the inputs' energies differ."""
+    ratios = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        K, N = 256, 64
+        X = rng.standard_normal((1500, K)) * np.exp(rng.standard_normal(K))
+        H = (X.T @ X / len(X)).astype(np.float32)
+        W = rng.standard_normal((K, N)).astype(np.float32)
+        perm = np.argsort(-np.diag(H), kind="stable")
+        U = upper_inverse_cholesky(H[np.ix_(perm, perm)].astype(np.float64), 0.1)
+        errs = [weighted_error(W, gptq_quantize_prepared(W, U, bits, 32, False, "float16", perm,
+                                                         row_weights=rw).dequantize(), H)
+                for rw in (None, np.diag(H))]
+        ratios.append(errs[1] / errs[0])
+    assert max(ratios) < 1.0
+    assert np.mean(ratios) < 0.9
+
+
+def test_weighted_grid_search_minimizes_the_weighted_error():
+    rng = np.random.default_rng(5)
+    Wb = rng.standard_normal((4, 32, 16)).astype(np.float32)
+    w = np.exp(2 * rng.standard_normal((4, 32))).astype(np.float32)
+
+    def weighted(s, z):
+        q = np.clip(np.round(Wb / s[:, None, :]) + z[:, None, :], 0, 7)
+        return ((((q - z[:, None, :]) * s[:, None, :] - Wb) ** 2) * w[:, :, None]).sum(axis=1)
+
+    plain = mse_grid(Wb, 3, False, "float32")
+    aware = mse_grid(Wb, 3, False, "float32", row_weights=w)
+    e_plain = weighted(plain[0], plain[1].astype(np.float32))
+    e_aware = weighted(aware[0], aware[1].astype(np.float32))
+    assert np.all(e_aware <= e_plain + 1e-6) and e_aware.sum() < e_plain.sum()
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
