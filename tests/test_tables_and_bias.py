@@ -213,3 +213,22 @@ def test_calibration_skips_padded_positions(tmp_path):
     assert ctx.calibration["W"]["rows"] == 60
     with pytest.raises(qsdonnx.InputError, match="calib-mask"):
         _calibrate(token_model(), tmp_path / "c.npz", calib_mask="no_such_input")
+
+
+def test_calibration_keeps_two_halves_for_held_out_prediction(tmp_path):
+    """Even batches make ``H_fit``, odd ones ``H_check`` (the planner fits CALDERA's candidates
+    on one and predicts their error on the other); both are the centred moments of their rows."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(6, 10, K)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", X=X, attention_mask=np.ones((6, 10), np.int64))
+    ctx = _calibrate(token_model(), tmp_path / "c.npz", calib_batch=2)
+    stats = ctx.calibration["W"]
+    rows = X.reshape(3, 20, K).astype(np.float64)  # three batches of 2 samples x 10 positions
+
+    def cov(r):
+        return r.T @ r / len(r) - np.outer(r.mean(0), r.mean(0))
+
+    fit = np.concatenate([rows[0], rows[2]])
+    np.testing.assert_allclose(stats["H_fit"], cov(fit), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats["H_check"], cov(rows[1]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats["H"], cov(X.reshape(-1, K).astype(np.float64)), rtol=1e-4, atol=1e-4)

@@ -75,6 +75,12 @@ class HessianAccumulator:
         self.sum += rows.sum(dim=0, dtype=torch.float64)
         self.rows += rows.shape[0]
 
+    def minus(self, other: "HessianAccumulator") -> "HessianAccumulator":
+        """The sums over the rows this accumulator saw and ``other`` did not."""
+        out = HessianAccumulator(self.H.shape[0])
+        out.H, out.sum, out.rows = self.H - other.H, self.sum - other.sum, self.rows - other.rows
+        return out
+
     def result(self, centered: bool = False) -> dict:
         """``H = E[xᵀx]``, or the covariance ``E[xᵀx] − μᵀμ`` when ``centered`` (for layers
         whose bias absorbs the mean error, see ``passes.bias``); ``mean = μ``."""
@@ -158,6 +164,9 @@ class CalibratePass(Pass):
         sess = session(model)
         names = list(targets)
         accs: dict[str, HessianAccumulator] = {}
+        # Every other batch is also summed on its own: the planner fits data-aware candidates
+        # on one half and predicts their error on the other (see passes.factorize).
+        half: dict[str, HessianAccumulator] = {}
         feeds = calibration_feeds(ctx)
         samples = 0
         # Layers reading the same tensor the same way (q, k and v projections) share one H.
@@ -166,7 +175,8 @@ class CalibratePass(Pass):
             for node, rec in users:
                 share.setdefault(rec.name, f"{name}|{rec.view}|{self._row_key(node, rec)}")
         mask_name = token_mask_input(ctx)
-        for feed in tqdm(feeds, desc="calibrating", unit="batch", disable=not ctx.config.progress, leave=False):
+        for batch, feed in enumerate(tqdm(feeds, desc="calibrating", unit="batch", disable=not ctx.config.progress,
+                                          leave=False)):
             outs = sess.run(names, feed)
             samples += len(next(iter(feed.values())))
             mask = None if mask_name is None else np.asarray(feed[mask_name]) != 0
@@ -185,6 +195,8 @@ class CalibratePass(Pass):
                         # Padded positions compute activations no output depends on.
                         rows = rows[torch.from_numpy(mask.reshape(-1))]
                     accs.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
+                    if batch % 2 == 0:
+                        half.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
         centered = 0
         index = GraphIndex(ctx.model.graph)
         for wname, key in share.items():
@@ -195,6 +207,11 @@ class CalibratePass(Pass):
                     rec.extra["bias_slots"] = slots
                     centered += 1
                 ctx.calibration[wname] = accs[key].result(centered=bool(slots))
+                fit = half.get(key)
+                check = accs[key].minus(fit) if fit is not None else None
+                if fit is not None and fit.rows and check.rows:
+                    ctx.calibration[wname]["H_fit"] = fit.result(centered=bool(slots))["H"]
+                    ctx.calibration[wname]["H_check"] = check.result(centered=bool(slots))["H"]
         ctx.calib_info = {"samples": samples, "batches": len(feeds), "token_mask": mask_name,
                                        "source": str(ctx.config.calib) if ctx.config.calib else "generated"}
         return (f"{len(ctx.calibration)} layers calibrated on {samples} samples ({len(accs)} distinct "

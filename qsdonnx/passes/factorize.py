@@ -300,9 +300,16 @@ class GlobalPlanPass(Pass):
         bar = tqdm(recs, desc="planning", unit="weight", disable=not cfg.progress, leave=False)
         for rec in bar:
             W = ctx.weights[rec.name]
-            H = ctx.calibration.get(rec.name, {}).get("H")
+            stats = ctx.calibration.get(rec.name, {})
+            H = stats.get("H")
+            # A candidate fitted to the calibration data is fitted on one half of it and judged
+            # on the other: judged on the rows it was fitted to, a low-rank correction looks
+            # better than it is on new data.
+            H_fit, H_check = stats.get("H_fit"), stats.get("H_check")
+            held_out = H_fit is not None and H_check is not None
             K, N = rec.matrix_shape
             energy = weighted_error_fast(W, np.zeros_like(W), H)
+            energy_check = weighted_error_fast(W, np.zeros_like(W), H_check) if held_out else None
             cands = []
             dense_of = []  # reconstructions, kept only until the sensitivity probe is chosen
             for choice in candidate_choices(rec, cfg, H is not None):
@@ -314,11 +321,13 @@ class GlobalPlanPass(Pass):
                     # The iterative methods cost seconds per setting; each setting's error is
                     # predicted from a fast method on the same grid and rank that it improves on
                     # (GPTQ from round-to-nearest, QSD from LPLR), and only the chosen one is run.
+                    fitted = proxy == "caldera-fast"
                     est = run_choice(W, LayerChoice(proxy, choice.bits, choice.block_size, choice.rank),
-                                     cfg, H if proxy == "caldera-fast" else None, rec.dtype)
+                                     cfg, (H_fit if held_out else H) if fitted else None, rec.dtype)
                     dense_of.append(est.dense())
-                    cands.append(Candidate(nbytes=nbytes, predicted_error=relative_error(W, dense_of[-1], H, energy),
-                                           payload=(choice, None)))
+                    err = (relative_error(W, dense_of[-1], H_check, energy_check) if fitted and held_out
+                           else relative_error(W, dense_of[-1], H, energy))
+                    cands.append(Candidate(nbytes=nbytes, predicted_error=err, payload=(choice, None)))
                     continue
                 f = run_choice(W, choice, cfg, H, rec.dtype)
                 dense_of.append(f.dense())
