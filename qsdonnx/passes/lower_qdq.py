@@ -161,8 +161,8 @@ class QdqEmitter:
         u = (codes.astype(np.int64) + offset).astype(np.uint8)
         v = self.narrow_codes(part, u, bits)
         if offset:
-            v = self._n("Sub", [v, self.shared_const(f"code_offset{bits}", np.array(offset),
-                                                     "int32" if bits <= 3 else "int64")], f"{part}_signed")
+            v = self._n("Sub", [self._n("Cast", [v], f"{part}_int8", to=onnx.TensorProto.INT8),
+                                self.shared_const(f"code_offset{bits}", np.array(offset), "int8")], f"{part}_signed")
         return self._n("Cast", [v], f"{part}_container", to=INT_TYPES[(container_width(bits), signed)])
 
     def packed_codes(self, part: str, packed: np.ndarray, bits: int, cbits: int, delta: int) -> str:
@@ -173,18 +173,21 @@ class QdqEmitter:
         width = packed.shape[-1] * per
         v = unpack_bits(packed, cbits, width).astype(np.int64) - delta
         codes = self.narrow_codes(part, v.astype(np.uint8), bits)
-        wide = "int32" if bits <= 3 else "int64"
         if delta:
-            codes = self._n("Add", [codes, self.shared_const(f"code_delta{delta}", np.array(delta), wide)],
+            codes = self._n("Add", [codes, self.shared_const(f"code_delta{delta}", np.array(delta), "uint8")],
                             f"{part}_shift")
         nd = packed.ndim
         grouped = self._n("Reshape", [codes, self.shared_const(
             f"reshape_keep{nd - 1}_group{per}", [0] * (nd - 1) + [-1, per], "int64")], f"{part}_grouped")
-        place = self.shared_const(f"pack_place{cbits}", np.array([1 << (cbits * j) for j in range(per)]), wide)
-        total = self._n("ReduceSum", [self._n("Mul", [grouped, place], f"{part}_place"),
-                                      self.shared_const("axis_last", [-1], "int64")],
-                        f"{part}_bytes", keepdims=0)
-        return self._n("Cast", [total], f"{part}_packed", to=onnx.TensorProto.UINT8)
+        out = None
+        for j in range(per):  # byte = Σ_j code_j << (cbits·j)
+            c = self._n("Gather", [grouped, self.shared_const(f"index{j}", np.array(j), "int64")],
+                        f"{part}_slot{j}", axis=-1)
+            if j:
+                c = self._n("BitShift", [c, self.shared_const(f"shift{cbits * j}", np.array(cbits * j), "uint8")],
+                            f"{part}_place{j}", direction="LEFT")
+            out = c if out is None else self._n("BitwiseOr", [out, c], f"{part}_or{j}")
+        return out
 
     def nbits_codes(self, part: str, m: QuantizedMatrix, B: np.ndarray) -> str:
         """The MatMulNBits code tensor ``B`` of ``m`` (``to_matmulnbits``): an initializer, or
@@ -381,20 +384,30 @@ def lower_conv(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Weigh
 
 def unpack_stream_nodes(n, const, x: str, bits: int, label: str) -> str:
     """Nodes decoding ``x``, a ``pack_stream`` tensor of shape ``(..., G, bits)`` uint8, to its
-    codes ``(..., G, 8)``: each group is the integer ``w = Σ_i byte_i · 256^i`` and code ``j``
-    is ``w / 2^(j·bits) mod 2^bits`` (int32 up to 3 bits, int64 above, where ``w`` needs more
-    than 31 bits).  ``n(op, inputs, label, **attrs)`` adds a node and returns its output;
-    ``const(name, values, dtype)`` adds a constant."""
-    wide = "int32" if bits <= 3 else "int64"
-    to = onnx.TensorProto.INT32 if wide == "int32" else onnx.TensorProto.INT64
-    w = n("Cast", [x], f"{label}_wide", to=to)
-    w = n("Mul", [w, const(f"stream{bits}_byte_place", np.array([256 ** i for i in range(bits)]), wide)],
-          f"{label}_place")
-    w = n("ReduceSum", [w, const("axis_last", np.array([-1], np.int64), "int64")],
-          f"{label}_group", keepdims=1)
-    w = n("Div", [w, const(f"stream{bits}_code_place", np.array([1 << (bits * j) for j in range(8)]), wide)],
-          f"{label}_shift")
-    return n("Mod", [w, const(f"stream{bits}_code_mod", np.array(1 << bits), wide)], f"{label}_mod")
+    codes ``(..., G, 8)`` uint8, with byte operations only (one byte per code at every step):
+    code ``j`` starts at bit ``p = j·bits`` of its group, in byte ``p // 8`` at shift
+    ``s = p % 8``, and when it runs over into the next byte that byte, shifted left by ``8 − s``,
+    supplies its high bits (otherwise an appended zero byte does):
+    ``code_j = ((byte[p // 8] >> s) | (byte_hi << (8 − s))) & (2^bits − 1)``.
+    ``n(op, inputs, label, **attrs)`` adds a node and returns its output; ``const(name, values,
+    dtype)`` adds a constant."""
+    lo, hi, right, left = [], [], [], []
+    for j in range(8):
+        p = j * bits
+        s = p % 8
+        lo.append(p // 8)
+        right.append(s)
+        spans = s + bits > 8
+        hi.append(p // 8 + 1 if spans else bits)  # index ``bits``: the appended zero byte
+        left.append(8 - s if spans else 0)
+    padded = n("Pad", [x, const("pad_last_one", [0, 1], "int64"), const("zero_u8", np.array(0), "uint8"),
+                       const("axis_last", [-1], "int64")], f"{label}_pad", mode="constant")
+    low = n("BitShift", [n("Gather", [padded, const(f"stream{bits}_low_byte", lo, "int32")], f"{label}_low", axis=-1),
+                         const(f"stream{bits}_right", right, "uint8")], f"{label}_low_shift", direction="RIGHT")
+    high = n("BitShift", [n("Gather", [padded, const(f"stream{bits}_high_byte", hi, "int32")], f"{label}_high", axis=-1),
+                          const(f"stream{bits}_left", left, "uint8")], f"{label}_high_shift", direction="LEFT")
+    joined = n("BitwiseOr", [low, high], f"{label}_join")
+    return n("BitwiseAnd", [joined, const(f"code_mask{bits}", np.array((1 << bits) - 1), "uint8")], f"{label}_codes8")
 
 
 def _node_maker(edit: GraphEdit, tag: str, nodes: list[onnx.NodeProto]):
