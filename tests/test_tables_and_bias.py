@@ -216,12 +216,14 @@ def test_calibration_skips_padded_positions(tmp_path):
 
 
 def test_calibration_keeps_two_halves_for_held_out_prediction(tmp_path):
-    """Even batches make ``H_fit``, odd ones ``H_check`` (the planner fits CALDERA's candidates
-    on one and predicts their error on the other); both are the centred moments of their rows."""
+    """With CALDERA, even batches make ``H_fit``, odd ones ``H_check`` (the planner fits its
+    candidates on one and predicts their error on the other); both are the centred moments of
+    their rows.  Other methods do not keep them."""
     rng = np.random.default_rng(4)
     X = rng.normal(size=(6, 10, K)).astype(np.float32)
     np.savez(tmp_path / "c.npz", X=X, attention_mask=np.ones((6, 10), np.int64))
-    ctx = _calibrate(token_model(), tmp_path / "c.npz", calib_batch=2)
+    assert "H_fit" not in _calibrate(token_model(), tmp_path / "c.npz", calib_batch=2).calibration["W"]
+    ctx = _calibrate(token_model(), tmp_path / "c.npz", calib_batch=2, method="caldera")
     stats = ctx.calibration["W"]
     rows = X.reshape(3, 20, K).astype(np.float64)  # three batches of 2 samples x 10 positions
 

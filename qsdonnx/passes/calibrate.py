@@ -164,8 +164,10 @@ class CalibratePass(Pass):
         sess = session(model)
         names = list(targets)
         accs: dict[str, HessianAccumulator] = {}
-        # Every other batch is also summed on its own: the planner fits data-aware candidates
-        # on one half and predicts their error on the other (see passes.factorize).
+        # With CALDERA, every other batch is also summed on its own: the planner fits its
+        # candidates on one half and predicts their error on the other (see passes.factorize).
+        # Other methods are not fitted to data when the planner predicts their error.
+        split = ctx.config.method == "caldera"
         half: dict[str, HessianAccumulator] = {}
         feeds = calibration_feeds(ctx)
         samples = 0
@@ -195,7 +197,7 @@ class CalibratePass(Pass):
                         # Padded positions compute activations no output depends on.
                         rows = rows[torch.from_numpy(mask.reshape(-1))]
                     accs.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
-                    if batch % 2 == 0:
+                    if split and batch % 2 == 0:
                         half.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
         centered = 0
         index = GraphIndex(ctx.model.graph)
