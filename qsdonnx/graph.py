@@ -79,7 +79,7 @@ class GraphEdit:
         # protobuf hands out new wrapper objects on each access, so nodes are keyed by name.
         self.index = {node_key(n): i for i, n in enumerate(self.graph.node)}
         self.removed_weights: set[str] = set()
-        self.shared: dict = {}  # small constants reused by every weight, by value
+        self.shared: dict = {}  # small constants reused by every weight, by value (shared_const)
 
     def unique(self, base: str) -> str:
         name, k = base, 1
@@ -93,6 +93,15 @@ class GraphEdit:
         tensor.name = self.unique(tensor.name)
         self.new_initializers.append(tensor)
         return tensor.name
+
+    def shared_const(self, name: str, values, dtype: str) -> str:
+        """A small constant that depends only on ``name``, ``values`` and ``dtype``: stored once
+        per model (``qsd.<name>``) and reused by every weight."""
+        v = np.asarray(values).astype(dtype)
+        key = (name, dtype, v.shape, v.tobytes())
+        if key not in self.shared:
+            self.shared[key] = self.add_initializer(numpy_helper.from_array(v, f"qsd.{name}"))
+        return self.shared[key]
 
     def node(self, op: str, inputs: Iterable[str], name: str, outputs: Optional[list[str]] = None,
              domain: str = "", **attrs) -> onnx.NodeProto:

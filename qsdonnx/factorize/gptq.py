@@ -145,10 +145,10 @@ def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size
     Un = U.detach().to("cpu", torch.float32).numpy()
     zf = None if symmetric else np.zeros((kb, N), np.float32)
 
+    rw_all = None if row_weights is None or not static else np.asarray(row_weights, np.float32)
+
     def set_grid(b: int, rows: np.ndarray) -> None:
-        rw = None
-        if static and row_weights is not None:
-            rw = np.asarray(row_weights, np.float32)[b * block_size:b * block_size + len(rows)][None]
+        rw = None if rw_all is None else rw_all[b * block_size:b * block_size + len(rows)][None]
         s_, z_ = mse_grid(rows[None], bits, symmetric, scale_dtype, rw)
         s_ = s_[0]
         z_ = None if z_ is None else z_[0]

@@ -10,10 +10,9 @@ from typing import Optional
 
 import numpy as np
 
-from .types import QuantizedMatrix, num_blocks
+from .types import CONTAINER_BITS, QuantizedMatrix, container_width, num_blocks
 
 PACK_BITS = (1, 2, 4, 8)
-NBITS_BITS = (2, 4, 8)
 def pack_stream(values_u8: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned ``bits``-bit codes (any shape, flattened in row-major order) into groups of
     8 codes per ``bits`` bytes: group ``g`` is the little-endian integer
@@ -80,14 +79,6 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return v[..., :count]
 
 
-def nbits_container(bits: int) -> int:
-    """Smallest MatMulNBits width (2, 4 or 8) that holds ``bits``-bit codes."""
-    for b in NBITS_BITS:
-        if bits <= b:
-            return b
-    raise ValueError(f"no MatMulNBits container for {bits}-bit codes")
-
-
 def to_matmulnbits(qm: QuantizedMatrix, bits: Optional[int] = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(B, scales, zero_points)`` in ONNX Runtime's MatMulNBits layout for ``qm`` of shape (K, N).
@@ -103,8 +94,8 @@ def to_matmulnbits(qm: QuantizedMatrix, bits: Optional[int] = None
     zero point ``2^(bits-1)``; asymmetric codes and zero points are kept, so in both cases
     ``(u - z) * s`` equals ``qm.dequantize()``.
     """
-    cb = nbits_container(qm.bits) if bits is None else bits
-    if cb not in NBITS_BITS or cb < qm.bits:
+    cb = container_width(qm.bits) if bits is None else bits
+    if cb not in CONTAINER_BITS or cb < qm.bits:
         raise ValueError(f"container of {cb} bits cannot hold {qm.bits}-bit codes")
     bs = qm.block_size
     if bs < 16 or bs & (bs - 1):

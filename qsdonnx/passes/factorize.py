@@ -42,7 +42,7 @@ class LayerChoice:
     def nbytes(self, K: int, N: int, cfg: OptimizeConfig, dense_dtype: str = "float32") -> int:
         """Stored bytes: codes at their own width (3-bit codes are stored as a 3-bit stream in
         every format), zero points at the container width."""
-        c = self.bits
+        c = self.bits  # code width
         if self.method == "pq":  # block_size is the sub-vector length
             return pq_nbytes(K, N, self.block_size, scale_dtype=cfg.scale_dtype)
         if self.method in ("rtn", "gptq"):

@@ -117,18 +117,8 @@ class QdqEmitter:
 
     # -- codes of widths without an ONNX integer type (3, 5, 6, 7 bits) ------------------------
     def _n(self, op: str, inputs: list[str], label: str, **attrs) -> str:
-        node = self.edit.node(op, inputs, f"{self.base}.{label}", **attrs)
-        self.prelude.append(node)
-        return node.output[0]
-
-    def shared_const(self, name: str, values, dtype: str) -> str:
-        """A small constant that depends only on ``name``, ``values`` and ``dtype``: stored once
-        per model (``qsd.<name>``) and reused by every weight."""
-        v = np.asarray(values).astype(dtype)
-        key = (name, dtype, v.shape, v.tobytes())
-        if key not in self.edit.shared:
-            self.edit.shared[key] = self.edit.add_initializer(numpy_helper.from_array(v, f"qsd.{name}"))
-        return self.edit.shared[key]
+        """A prelude node ``<weight>.qsd.<label>``; returns its output."""
+        return _node_maker(self.edit, self.rec.name, self.prelude)(op, inputs, label, **attrs)
 
     def narrow_codes(self, label: str, u: np.ndarray, bits: int) -> str:
         """An integer tensor of the unsigned codes ``u`` (any shape, values below ``2^bits``),
@@ -139,15 +129,15 @@ class QdqEmitter:
         if u.ndim and last % 8 == 0:
             stream = pack_stream(u, bits).reshape(u.shape[:-1] + (last // 8, bits))
             x = self.edit.add_initializer(numpy_helper.from_array(stream, f"{self.base}.{label}_stream"))
-            codes = unpack_stream_nodes(self._n, self.shared_const, x, bits, label)
-            keep = self.shared_const(f"reshape_keep{u.ndim - 1}_join", [0] * (u.ndim - 1) + [-1], "int64")
+            codes = unpack_stream_nodes(self._n, self.edit.shared_const, x, bits, label)
+            keep = self.edit.shared_const(f"reshape_keep{u.ndim - 1}_join", [0] * (u.ndim - 1) + [-1], "int64")
             return self._n("Reshape", [codes, keep], f"{label}_codes")
         stream = pack_stream(u, bits)
         x = self.edit.add_initializer(numpy_helper.from_array(stream, f"{self.base}.{label}_stream"))
-        flat = self._n("Reshape", [unpack_stream_nodes(self._n, self.shared_const, x, bits, label),
-                                   self.shared_const("reshape_flat", [-1], "int64")], f"{label}_flat")
+        flat = self._n("Reshape", [unpack_stream_nodes(self._n, self.edit.shared_const, x, bits, label),
+                                   self.edit.shared_const("reshape_flat", [-1], "int64")], f"{label}_flat")
         if stream.shape[0] * 8 != u.size:
-            flat = self._n("Slice", [flat, self.shared_const("slice_start", [0], "int64"),
+            flat = self._n("Slice", [flat, self.edit.shared_const("slice_start", [0], "int64"),
                                      self.const(f"{label}_count", np.array([u.size], np.int64), "int64")],
                            f"{label}_trim")
         return self._n("Reshape", [flat, self.const(f"{label}_shape", np.array(u.shape, np.int64), "int64")],
@@ -162,7 +152,7 @@ class QdqEmitter:
         v = self.narrow_codes(part, u, bits)
         if offset:
             v = self._n("Sub", [self._n("Cast", [v], f"{part}_int8", to=onnx.TensorProto.INT8),
-                                self.shared_const(f"code_offset{bits}", np.array(offset), "int8")], f"{part}_signed")
+                                self.edit.shared_const(f"code_offset{bits}", np.array(offset), "int8")], f"{part}_signed")
         return self._n("Cast", [v], f"{part}_container", to=INT_TYPES[(container_width(bits), signed)])
 
     def packed_codes(self, part: str, packed: np.ndarray, bits: int, cbits: int, delta: int) -> str:
@@ -174,17 +164,17 @@ class QdqEmitter:
         v = unpack_bits(packed, cbits, width).astype(np.int64) - delta
         codes = self.narrow_codes(part, v.astype(np.uint8), bits)
         if delta:
-            codes = self._n("Add", [codes, self.shared_const(f"code_delta{delta}", np.array(delta), "uint8")],
+            codes = self._n("Add", [codes, self.edit.shared_const(f"code_delta{delta}", np.array(delta), "uint8")],
                             f"{part}_shift")
         nd = packed.ndim
-        grouped = self._n("Reshape", [codes, self.shared_const(
+        grouped = self._n("Reshape", [codes, self.edit.shared_const(
             f"reshape_keep{nd - 1}_group{per}", [0] * (nd - 1) + [-1, per], "int64")], f"{part}_grouped")
         out = None
         for j in range(per):  # byte = Σ_j code_j << (cbits·j)
-            c = self._n("Gather", [grouped, self.shared_const(f"index{j}", np.array(j), "int64")],
+            c = self._n("Gather", [grouped, self.edit.shared_const(f"index{j}", np.array(j), "int64")],
                         f"{part}_slot{j}", axis=-1)
             if j:
-                c = self._n("BitShift", [c, self.shared_const(f"shift{cbits * j}", np.array(cbits * j), "uint8")],
+                c = self._n("BitShift", [c, self.edit.shared_const(f"shift{cbits * j}", np.array(cbits * j), "uint8")],
                             f"{part}_place{j}", direction="LEFT")
             out = c if out is None else self._n("BitwiseOr", [out, c], f"{part}_or{j}")
         return out
@@ -481,7 +471,7 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
         return g
 
     if narrow:
-        g = unpack_stream_nodes(n, em.shared_const, n("Gather", [codes, ids], "gather_codes", axis=0),
+        g = unpack_stream_nodes(n, edit.shared_const, n("Gather", [codes, ids], "gather_codes", axis=0),
                                 code_bits, "codes")  # (..., groups, 8)
         if groups * 8 != D:
             wide = n("Reshape", [g, n("Concat", [n("Shape", [ids], "ids_shape_codes"), em.const(
