@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import onnx
 
-from .config import OptimizeConfig
+from .config import DATA_AWARE_METHODS, OptimizeConfig
 from .errors import ConfigError, OutputError, ValidationFailed
 from .passes.base import Context, WeightRecord
 from .passes.bias import BiasCorrectionPass
@@ -86,7 +86,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     ctx = _context(model, cfg)
     for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass()):
         p(ctx)
-    if cfg.calib is not None or cfg.method in ("gptq", "caldera", "qsd", "auto"):
+    if cfg.calib is not None or cfg.method in DATA_AWARE_METHODS + ("auto",):
         from .passes.calibrate import CalibratePass
         CalibratePass()(ctx)
     planner = GlobalPlanPass() if (cfg.method == "auto" or cfg.bits_per_weight is not None) else PlanPass()

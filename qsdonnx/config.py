@@ -8,9 +8,9 @@ from typing import Optional
 
 from .errors import ConfigError
 
-METHODS = ("rtn", "svd", "lplr", "gptq", "caldera", "qsd", "pq", "auto")
+METHODS = ("rtn", "svd", "lplr", "gptq", "caldera", "qsd", "pq", "vq", "auto")
 LOWRANK_METHODS = ("svd", "lplr", "caldera", "qsd")
-DATA_AWARE_METHODS = ("gptq", "caldera", "qsd")
+DATA_AWARE_METHODS = ("gptq", "caldera", "qsd", "vq")
 FORMATS = ("qdq", "nbits", "fused")
 BITS = (2, 3, 4, 8)
 
@@ -112,6 +112,19 @@ class OptimizeConfig:
             raise ConfigError(f"accuracy level must be 0..4, got {self.accuracy_level}")
         if self.max_rel_error is not None and not self.validate:
             raise ConfigError("--max-rel-error needs validation; drop --no-validate")
+
+    @property
+    def vector_codes(self) -> bool:
+        """Whether weights may get vector codes: asked for, or left to the planner in the
+        portable format (they are decoded to a float weight when the model is loaded, which the
+        integer kernels of nbits/fused would not use)."""
+        return self.method == "vq" or (self.method == "auto" and self.format == "qdq")
+
+    @property
+    def split_calibration(self) -> bool:
+        """Whether calibration also keeps two halves of H: the planner fits CALDERA's
+        candidates on one and predicts their error on the other."""
+        return self.method == "caldera"
 
     def replace(self, **changes) -> "OptimizeConfig":
         return replace(self, **changes)

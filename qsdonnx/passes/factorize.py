@@ -15,6 +15,8 @@ from ..factorize.pq import pq_applicable, pq_factorize, pq_nbytes
 from ..factorize.rtn import rtn_factorize
 from ..factorize.svd import svd_factorize
 from ..factorize.types import Factorization
+from ..factorize.vq import VQ_CODE_BITS, vq_factorize, vq_group, vq_nbytes
+from .lower_qdq import shared_decode_bytes
 from ..config import DATA_AWARE_METHODS, LOWRANK_METHODS, OptimizeConfig
 from ..errors import ConfigError
 from .base import Context, Pass, WeightRecord
@@ -22,6 +24,11 @@ from .base import Context, Pass, WeightRecord
 log = logging.getLogger("qsdonnx")
 
 QUANT_ONLY_VIEWS = ("conv-grouped", "embedding")
+# Rows sharing one vector codebook (at most; a divisor of the reduction axis), by bits per
+# weight: 256 centroids of a 4-bit codebook cost 0.17 bpw per 128 rows of a 384-wide layer,
+# more than sharing them over 384 rows loses (MiniLM, held-out H-weighted error).
+VQ_GROUPS = {2: 128, 3: 128, 4: 384}
+VQ_VIEWS = ("matmul", "gemm", "conv", "conv-grouped")
 CALDERA_FACTOR_BITS = 4  # CALDERA's low-rank factors; --bits sets the backbone Q
 # GPTQ's damping λ = GPTQ_DAMP · mean(diag H), also used by CALDERA for its backbone and its
 # low-rank fit.  Calibration sets of a few hundred sentences under-determine H; on MiniLM 0.1
@@ -45,6 +52,8 @@ class LayerChoice:
         c = self.bits  # code width
         if self.method == "pq":  # block_size is the sub-vector length
             return pq_nbytes(K, N, self.block_size, scale_dtype=cfg.scale_dtype)
+        if self.method == "vq":  # block_size is the rows sharing one codebook
+            return vq_nbytes(K, N, 2, VQ_CODE_BITS[self.bits], self.block_size, cfg.scale_dtype)
         if self.method in ("rtn", "gptq"):
             return rtn_nbytes(K, N, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
         if self.method == "svd":
@@ -57,6 +66,15 @@ class LayerChoice:
         if self.method == "qsd" and cfg.sparsity > 0:
             return qsd_nbytes(K, N, self.rank, c, self.block_size, cfg.sparsity, cfg.symmetric, cfg.scale_dtype)
         return lowrank_nbytes(K, N, self.rank, c, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
+
+    def stream_bits(self) -> set[int]:
+        """Code widths this setting stores as a bit stream (decoded by shared constants)."""
+        if self.method == "vq":
+            cb = VQ_CODE_BITS[self.bits]
+            return {cb} if cb < 8 else set()
+        if self.method == "pq" or self.method == "svd":
+            return set()
+        return {self.bits} if self.bits in (3, 5, 6, 7) else set()
 
     def label(self) -> str:
         if self.method == "pq":
@@ -106,18 +124,28 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
             note, method = f"pq needs the row width divisible by {PQ_SUB_DIMS[bits]} and enough rows; rtn", "rtn"
         else:
             return LayerChoice("pq", bits, PQ_SUB_DIMS[bits]), ""
+    if method == "vq":
+        if bits not in VQ_CODE_BITS:
+            raise ConfigError(f"vq stores 2, 3 or 4 bits per weight, not {bits}")
+        if rec.view == "embedding":
+            note, method = "vq applies to MatMul, Gemm and Conv weights (tables use pq); rtn", "rtn"
+        elif not vq_group(K, VQ_GROUPS[bits]):
+            note, method = f"vq needs an even reduction axis ({K}); rtn", "rtn"
     dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
     budget_bytes = None
     if cfg.bits_per_weight is not None:
         budget_bytes = cfg.bits_per_weight * K * N / 8.0
-    if method in ("rtn", "gptq"):
+    if method in ("rtn", "gptq", "vq"):
+        def setting(b: int) -> LayerChoice:
+            return LayerChoice(method, b, vq_group(K, VQ_GROUPS[b]) if method == "vq" else block)
+
         if budget_bytes is not None and not (ov and ov.bits):
-            fitting = [b for b in (8, 4, 3, 2)
-                       if LayerChoice(method, b, block).nbytes(K, N, cfg) <= budget_bytes]
+            fitting = [b for b in (8, 4, 3, 2) if (method != "vq" or b in VQ_CODE_BITS)
+                       and setting(b).nbytes(K, N, cfg) <= budget_bytes]
             if not fitting:
                 return None, f"--bits-per-weight {cfg.bits_per_weight} is below the cheapest {method} setting"
             bits = fitting[0]
-        choice = LayerChoice(method, bits, block)
+        choice = setting(bits)
     else:
         limit = min(K, N)
         if rank is not None:
@@ -167,6 +195,9 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
     if m == "gptq":
         from ..factorize.gptq import gptq_factorize
         return gptq_factorize(W, H, choice.bits, damp=GPTQ_DAMP, act_order=True, **common)
+    if m in ("vq", "vq-fast"):
+        return vq_factorize(W, H, choice.bits, choice.block_size, damp=GPTQ_DAMP, scale_dtype=cfg.scale_dtype,
+                            seed=cfg.seed, feedback=m == "vq")
     if m == "pq":
         return pq_factorize(W, choice.block_size, scale_dtype=cfg.scale_dtype, seed=cfg.seed)
     if m == "svd":
@@ -222,7 +253,7 @@ PLAN_BLOCKS = (32, 64, 128)
 PLAN_RANK_BPW = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # low-rank candidates: ranks spending these bpw
 
 
-PROXIES = {"gptq": "rtn", "qsd": "lplr", "caldera": "caldera-fast"}
+PROXIES = {"gptq": "rtn", "qsd": "lplr", "caldera": "caldera-fast", "vq": "vq-fast"}
 
 
 def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> list[LayerChoice]:
@@ -238,22 +269,29 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
         blocks = [b for b in blocks if K % b == 0] or [K]
     quant = "gptq" if has_h else "rtn"
     pq = []
-    if rec.view == "embedding" and method in ("auto", "pq"):
+    if rec.view == "embedding" and method in ("auto", "pq", "vq"):  # vq: tables get sub-vector codes too
         pq = [LayerChoice("pq", b, PQ_SUB_DIMS[b]) for b in PLAN_PQ_BITS
               if pq_applicable(K, N, PQ_SUB_DIMS[b])]
         if method == "pq" and pq:
             return pq
     if method == "pq":  # not a table, or one too small for codebooks
         method = "rtn"
+    vq = []
+    if rec.view in VQ_VIEWS and cfg.vector_codes and method in ("vq", "auto"):
+        vq = [LayerChoice("vq", b, vq_group(K, VQ_GROUPS[b])) for b in VQ_CODE_BITS if vq_group(K, VQ_GROUPS[b])]
+    if method == "vq":
+        if vq:
+            return vq
+        method = "rtn"
     if rec.view in QUANT_ONLY_VIEWS or method in ("rtn", "gptq"):
         m = method if method in ("rtn", "gptq") and has_h else "rtn"
         if method == "auto" and rec.view not in QUANT_ONLY_VIEWS:
             m = quant
-        return [LayerChoice(m, b, blk) for b in PLAN_BITS for blk in blocks] + pq
+        return [LayerChoice(m, b, blk) for b in PLAN_BITS for blk in blocks] + pq + vq
     out: list[LayerChoice] = []
     if method == "auto":
         out += [LayerChoice(quant, b, blk) for b in PLAN_BITS for blk in blocks]
-        return out
+        return out + vq
     bits = ov.bits if ov and ov.bits else cfg.bits
     # CALDERA's backbone: 2 bits with a low-rank correction is its point; 4 bits as a step up.
     q_bits = (bits,) if method != "caldera" or (ov and ov.bits) else (2, 4)
@@ -320,7 +358,8 @@ class GlobalPlanPass(Pass):
                 if proxy is not None:
                     # The iterative methods cost seconds per setting; each setting's error is
                     # predicted from a fast method on the same grid and rank that it improves on
-                    # (GPTQ from round-to-nearest, QSD from LPLR), and only the chosen one is run.
+                    # (GPTQ from round-to-nearest, vector codes from plain k-means codebooks, QSD
+                    # from LPLR), and only the chosen one is run.
                     fitted = proxy == "caldera-fast"
                     est = run_choice(W, LayerChoice(proxy, choice.bits, choice.block_size, choice.rank),
                                      cfg, (H_fit if held_out else H) if fitted else None, rec.dtype)
@@ -383,6 +422,13 @@ class GlobalPlanPass(Pass):
         from ..factorize.planner import plan_allocation
 
         picks = plan_allocation(self.options, budget)
+        # Stream-coded weights share a few decoding constants (a few hundred bytes per model):
+        # when they do not fit beside the plan, plan again with room for those of every width
+        # any candidate uses.
+        widths = set().union(*(cands[i].payload[0].stream_bits() for cands, i in zip(self.options, picks)))
+        if sum(cands[i].nbytes for cands, i in zip(self.options, picks)) + shared_decode_bytes(widths) > budget:
+            every = set().union(*(c.payload[0].stream_bits() for cands in self.options for c in cands))
+            picks = plan_allocation(self.options, budget - shared_decode_bytes(every))
         spent = 0
         choices = {}
         for rec, cands, i in zip(self.kept, self.options, picks):

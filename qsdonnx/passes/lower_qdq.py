@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from ..factorize.packing import pack_bits, pack_stream, unpack_bits
 from ..factorize.pq import ProductQuantizedMatrix
+from ..factorize.vq import VectorQuantizedMatrix, order_dtype
 from ..factorize.types import (DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix,
                                container_width)
 from ..graph import INT_TYPES, GraphEdit, node_key, float_tensor, int_tensor
@@ -74,6 +75,10 @@ class QdqEmitter:
         elif isinstance(m, DenseMatrix):
             v = m.values.T if transpose else m.values
             out = self.edit.add_initializer(float_tensor(f"{self.base}.{part}", v, self.dtype))
+        elif isinstance(m, VectorQuantizedMatrix):
+            out = self.vq_weight(part, m)
+            if transpose:
+                out = self._n("Transpose", [out], f"{part}_t", perm=[1, 0])
         else:
             codes = m.codes.T if transpose else m.codes
             scales = m.scales.T if transpose else m.scales
@@ -114,6 +119,35 @@ class QdqEmitter:
                 out = sl.output[0]
         self._cache[key] = out
         return out
+
+    def vq_weight(self, part: str, m: VectorQuantizedMatrix) -> str:
+        """``(K, N)`` float weight of vector codes: the codes, held as ``(G, P, N)`` (G codebooks,
+        P vectors of each group per column), look up their group's codebook with GatherND
+        (``batch_dims=1``) to ``(G, P, N, dim)``; a transpose to ``(G, P, dim, N)`` and a flatten
+        give the rows in visiting order, which the column scales multiply and a Gather with
+        the inverse order puts back in place.  All inputs are constants: ONNX Runtime folds the
+        decoding into one float weight when it creates the session."""
+        G, k, dim = m.codebooks.shape
+        u = m.codes.reshape(G, -1, m.codes.shape[1])
+        if m.code_bits < 8:
+            codes = self.narrow_codes(part, u, m.code_bits)
+        else:
+            codes = self.edit.add_initializer(numpy_helper.from_array(u.astype(np.uint8), f"{self.base}.{part}_codes"))
+        idx = self._n("Unsqueeze", [self._n("Cast", [codes], f"{part}_index", to=onnx.TensorProto.INT64),
+                                    self.edit.shared_const("axes_last", [-1], "int64")], f"{part}_index_unsq")
+        books, scales = (self.edit.add_initializer(float_tensor(f"{self.base}.{part}_{label}", v, m.scale_dtype))
+                         for label, v in (("codebooks", m.codebooks), ("col_scale", m.col_scales)))
+        if m.scale_dtype != self.dtype:  # cast the small tensors, not the weight
+            books, scales = (self._n("Cast", [t], f"{part}_{label}_cast", to=self.onnx_dtype)
+                             for label, t in (("codebooks", books), ("col_scale", scales)))
+        vec = self._n("GatherND", [books, idx], f"{part}_lookup", batch_dims=1)  # (G, P, N, dim)
+        rows = self._n("Flatten", [self._n("Transpose", [vec], f"{part}_vectors_t", perm=[0, 1, 3, 2])],
+                       f"{part}_rows", axis=3)  # (K, N) in visiting order
+        w = self._n("Mul", [rows, scales], f"{part}_scaled")
+        inverse = np.argsort(m.order).astype(order_dtype(m.shape[0]))
+        inv = self.edit.add_initializer(numpy_helper.from_array(inverse, f"{self.base}.{part}_inverse_order"))
+        return self._n("Gather", [w, self._n("Cast", [inv], f"{part}_inverse_i32", to=onnx.TensorProto.INT32)],
+                       f"{part}_rows_in_place", axis=0)
 
     # -- codes of widths without an ONNX integer type (3, 5, 6, 7 bits) ------------------------
     def _n(self, op: str, inputs: list[str], label: str, **attrs) -> str:
@@ -398,6 +432,24 @@ def unpack_stream_nodes(n, const, x: str, bits: int, label: str) -> str:
                           const(f"stream{bits}_left", left, "uint8")], f"{label}_high_shift", direction="LEFT")
     joined = n("BitwiseOr", [low, high], f"{label}_join")
     return n("BitwiseAnd", [joined, const(f"code_mask{bits}", np.array((1 << bits) - 1), "uint8")], f"{label}_codes8")
+
+
+def shared_decode_bytes(widths) -> int:
+    """An upper bound on the bytes of the constants every weight shares (``GraphEdit.shared_const``)
+    once codes of the given stream widths are decoded: the planner keeps them out of the budget."""
+    widths = sorted(set(widths))
+    if not widths:
+        return 0
+    edit = GraphEdit(helper.make_model(helper.make_graph([], "decode", [], [])))
+    n = _node_maker(edit, "x", [])
+    for b in widths:
+        unpack_stream_nodes(n, edit.shared_const, "x", b, f"s{b}")
+        edit.shared_const(f"code_offset{b}", np.array(1), "int8")
+    for rank in (1, 2, 3):
+        edit.shared_const(f"reshape_keep{rank}_join", [0] * rank + [-1], "int64")
+    for name in ("reshape_flat", "slice_start", "axes_last"):
+        edit.shared_const(name, [0], "int64")
+    return edit.new_initializer_bytes()
 
 
 def _node_maker(edit: GraphEdit, tag: str, nodes: list[onnx.NodeProto]):
