@@ -164,9 +164,9 @@ class CalibratePass(Pass):
         sess = session(model)
         names = list(targets)
         accs: dict[str, HessianAccumulator] = {}
-        # With CALDERA and vector codes, every other batch is also summed on its own: the planner
-        # fits their candidates on one half and predicts their error on the other (see
-        # passes.factorize).  Other methods are not fitted to data when the planner predicts.
+        # With CALDERA, every other batch is also summed on its own: the planner fits its
+        # candidates on one half and predicts their error on the other (see passes.factorize).
+        # Other methods are not fitted to data when the planner predicts their error.
         split = ctx.config.split_calibration
         half: dict[str, HessianAccumulator] = {}
         feeds = calibration_feeds(ctx)
