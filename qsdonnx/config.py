@@ -114,13 +114,6 @@ class OptimizeConfig:
             raise ConfigError("--max-rel-error needs validation; drop --no-validate")
 
     @property
-    def vector_codes(self) -> bool:
-        """Whether weights may get vector codes: asked for, or left to the planner in the
-        portable format (they are decoded to a float weight when the model is loaded, which the
-        integer kernels of nbits/fused would not use)."""
-        return self.method == "vq" or (self.method == "auto" and self.format == "qdq")
-
-    @property
     def split_calibration(self) -> bool:
         """Whether calibration also keeps two halves of H: the planner fits CALDERA's
         candidates on one and predicts their error on the other."""

@@ -76,14 +76,13 @@ def test_runtime_computes_with_the_rebuilt_weight(make, bits):
     assert layer["bytes_after"] < 0.25 * layer["bytes_before"]
 
 
-def test_planner_offers_vector_codes_only_where_float_weights_run():
+def test_vector_codes_are_offered_only_when_asked_for():
     from qsdonnx.passes.base import WeightRecord
     from qsdonnx.passes.factorize import candidate_choices
 
     rec = WeightRecord(name="W", op="MatMul", nodes=["mm"], shape=(384, 384), dtype="float32",
                        location="initializer", view="matmul", matrix_shape=(384, 384))
-    methods = {fmt: {c.method for c in candidate_choices(rec, OptimizeConfig(format=fmt), True)}
-               for fmt in ("qdq", "nbits", "fused")}
-    assert "vq" in methods["qdq"]
-    assert "vq" not in methods["nbits"] and "vq" not in methods["fused"]
-    assert {c.method for c in candidate_choices(rec, OptimizeConfig(method="vq", format="nbits"), True)} == {"vq"}
+    for fmt in ("qdq", "nbits", "fused"):
+        assert "vq" not in {c.method for c in candidate_choices(rec, OptimizeConfig(format=fmt), True)}
+        asked = candidate_choices(rec, OptimizeConfig(method="vq", format=fmt), True)
+        assert {(c.method, c.bits) for c in asked} == {("vq", 2), ("vq", 3), ("vq", 4)}
