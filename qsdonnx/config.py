@@ -113,12 +113,6 @@ class OptimizeConfig:
         if self.max_rel_error is not None and not self.validate:
             raise ConfigError("--max-rel-error needs validation; drop --no-validate")
 
-    @property
-    def split_calibration(self) -> bool:
-        """Whether calibration also keeps two halves of H: the planner fits CALDERA's
-        candidates on one and predicts their error on the other."""
-        return self.method == "caldera"
-
     def replace(self, **changes) -> "OptimizeConfig":
         return replace(self, **changes)
 

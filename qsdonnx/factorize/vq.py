@@ -36,7 +36,6 @@ from .types import Factorization, packed_nbytes
 VQ_DIM = 2
 VQ_CODE_BITS = {2: 4, 3: 6, 4: 8}  # bits per weight -> bits per code (2-D vectors)
 KMEANS_ITERS = 10
-FAST_KMEANS_ITERS = 10  # Lloyd steps of the planner's estimate (no error feedback)
 
 
 @dataclass
@@ -153,11 +152,11 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: t
 
 def vq_quantize(W: np.ndarray, H: Optional[np.ndarray], bits: int, group: int = 128,
                 damp: float = 0.1, scale_dtype: str = "float16", seed: int = 0,
-                feedback: bool = True, iters: Optional[int] = None) -> VectorQuantizedMatrix:
+                feedback: bool = True, iters: int = KMEANS_ITERS) -> VectorQuantizedMatrix:
     """Vector-quantize ``W (K, N)`` at ``bits`` bits per weight (2-D vectors; see the module
     docstring).  ``H`` (K × K) weights the objective ``tr((W − Ŵ)ᵀ H (W − Ŵ))``; without it, or
     with ``feedback=False``, the vectors are coded to the nearest centroid of plain k-means
-    codebooks (``FAST_KMEANS_ITERS`` steps) in natural row order: the planner's fast estimate."""
+    codebooks in natural row order: the planner's fast estimate."""
     if bits not in VQ_CODE_BITS:
         raise ValueError(f"vector quantization takes {sorted(VQ_CODE_BITS)} bits per weight, got {bits}")
     dim, cb = VQ_DIM, VQ_CODE_BITS[bits]
@@ -167,8 +166,6 @@ def vq_quantize(W: np.ndarray, H: Optional[np.ndarray], bits: int, group: int = 
         raise ValueError(f"{K} rows cannot be cut into groups of {dim}-row vectors")
     k = 1 << cb
     use_h = H is not None and feedback
-    if iters is None:
-        iters = KMEANS_ITERS if feedback else FAST_KMEANS_ITERS
     dt = torch.float64
     Wt = torch.as_tensor(np.ascontiguousarray(W), dtype=dt)
     order = (torch.argsort(-torch.from_numpy(np.diag(H).copy()), stable=True) if use_h

@@ -167,7 +167,7 @@ class CalibratePass(Pass):
         # With CALDERA, every other batch is also summed on its own: the planner fits its
         # candidates on one half and predicts their error on the other (see passes.factorize).
         # Other methods are not fitted to data when the planner predicts their error.
-        split = ctx.config.split_calibration
+        split = ctx.config.method == "caldera"
         half: dict[str, HessianAccumulator] = {}
         feeds = calibration_feeds(ctx)
         samples = 0

@@ -14,8 +14,8 @@ from ..factorize.lplr import lplr_factorize
 from ..factorize.pq import pq_applicable, pq_factorize, pq_nbytes
 from ..factorize.rtn import rtn_factorize
 from ..factorize.svd import svd_factorize
-from ..factorize.types import Factorization
-from ..factorize.vq import VQ_CODE_BITS, vq_factorize, vq_group, vq_nbytes
+from ..factorize.types import Factorization, container_width
+from ..factorize.vq import VQ_CODE_BITS, VQ_DIM, vq_factorize, vq_group, vq_nbytes
 from .lower_qdq import shared_decode_bytes
 from ..config import DATA_AWARE_METHODS, LOWRANK_METHODS, OptimizeConfig
 from ..errors import ConfigError
@@ -53,7 +53,7 @@ class LayerChoice:
         if self.method == "pq":  # block_size is the sub-vector length
             return pq_nbytes(K, N, self.block_size, scale_dtype=cfg.scale_dtype)
         if self.method == "vq":  # block_size is the rows sharing one codebook
-            return vq_nbytes(K, N, 2, VQ_CODE_BITS[self.bits], self.block_size, cfg.scale_dtype)
+            return vq_nbytes(K, N, VQ_DIM, VQ_CODE_BITS[self.bits], self.block_size, cfg.scale_dtype)
         if self.method in ("rtn", "gptq"):
             return rtn_nbytes(K, N, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
         if self.method == "svd":
@@ -74,13 +74,20 @@ class LayerChoice:
             return {cb} if cb < 8 else set()
         if self.method == "pq" or self.method == "svd":
             return set()
-        return {self.bits} if self.bits in (3, 5, 6, 7) else set()
+        return {self.bits} if self.bits != container_width(self.bits) else set()
 
     def label(self) -> str:
         if self.method == "pq":
             return f"pq {self.bits}b d={self.block_size}"
         s = f"{self.method} {self.bits}b/{self.block_size}" if self.method != "svd" else "svd"
         return s + (f" r={self.rank}" if self.rank else "")
+
+
+def vq_setting(K: int, bits: int) -> Optional[LayerChoice]:
+    """Vector codes at ``bits`` per weight for a reduction axis of ``K`` (None: K cannot be cut
+    into codebook groups of 2-row vectors)."""
+    g = vq_group(K, VQ_GROUPS[bits])
+    return LayerChoice("vq", bits, g) if g else None
 
 
 def effective_block(block: int, K: int) -> int:
@@ -127,9 +134,7 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
     if method == "vq":
         if bits not in VQ_CODE_BITS:
             raise ConfigError(f"vq stores 2, 3 or 4 bits per weight, not {bits}")
-        if rec.view == "embedding":
-            note, method = "vq applies to MatMul, Gemm and Conv weights (tables use pq); rtn", "rtn"
-        elif not vq_group(K, VQ_GROUPS[bits]):
+        if vq_setting(K, bits) is None:  # (tables were turned to rtn above)
             note, method = f"vq needs an even reduction axis ({K}); rtn", "rtn"
     dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
     budget_bytes = None
@@ -137,7 +142,7 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
         budget_bytes = cfg.bits_per_weight * K * N / 8.0
     if method in ("rtn", "gptq", "vq"):
         def setting(b: int) -> LayerChoice:
-            return LayerChoice(method, b, vq_group(K, VQ_GROUPS[b]) if method == "vq" else block)
+            return vq_setting(K, b) if method == "vq" else LayerChoice(method, b, block)
 
         if budget_bytes is not None and not (ov and ov.bits):
             fitting = [b for b in (8, 4, 3, 2) if (method != "vq" or b in VQ_CODE_BITS)
@@ -280,7 +285,7 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
     # Only when asked for: vector codes are decoded to a float weight when the model is loaded,
     # which raised the peak memory of loading MiniLM to 376 MiB (213 for the original).
     if rec.view in VQ_VIEWS and method == "vq":
-        vq = [LayerChoice("vq", b, vq_group(K, VQ_GROUPS[b])) for b in VQ_CODE_BITS if vq_group(K, VQ_GROUPS[b])]
+        vq = [c for c in (vq_setting(K, b) for b in VQ_CODE_BITS) if c is not None]
     if method == "vq":
         if vq:
             return vq
