@@ -17,6 +17,7 @@ from .passes.canonicalize import FindWeightsPass
 from .passes.factorize import FactorizeWeightsPass, GlobalPlanPass, PlanPass
 from .passes.load import LiftConstantsPass, LoadPass, load_model
 from .passes.lower_qdq import LowerQdqPass, required_opset
+from .passes.tune import TunePass
 from .passes.save import PrepareOpsetPass, check_output_path, save_model
 from .passes.validate import ValidatePass, compare_models, generated_inputs, load_feeds
 from .report import Report
@@ -95,6 +96,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     before_lowering = copy.deepcopy(ctx.model)
     while True:
         BiasCorrectionPass()(ctx)
+        TunePass(cfg.epochs_to_tune)(ctx)
         PrepareOpsetPass(required_opset(ctx))(ctx)
         _lowering(cfg)(ctx)
         if cfg.validate:

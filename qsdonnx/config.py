@@ -13,6 +13,7 @@ LOWRANK_METHODS = ("svd", "lplr", "caldera", "qsd")
 DATA_AWARE_METHODS = ("gptq", "caldera", "qsd", "vq")
 FORMATS = ("qdq", "nbits", "fused")
 BITS = (2, 3, 4, 8)
+TUNE_EPOCHS = 4
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class OptimizeConfig:
     calib_batch: int = 8
     calib_samples: int = 128
     calib_mask: str = "auto"  # input marking real tokens (auto: attention_mask / input_mask), or none
+    tune_epochs: Optional[int] = None  # end-to-end tuning (passes.tune); None: TUNE_EPOCHS with --calib, else 0
     # validation
     validate: bool = True
     inputs: Optional[Path] = None
@@ -106,12 +108,22 @@ class OptimizeConfig:
             raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.num_inputs < 1:
             raise ConfigError(f"--num-inputs must be at least 1, got {self.num_inputs}")
+        if self.tune_epochs is not None and self.tune_epochs < 0:
+            raise ConfigError(f"--tune-epochs must be 0 or more, got {self.tune_epochs}")
         if self.calib_batch < 1 or self.calib_samples < 1:
             raise ConfigError("--calib-batch and --calib-samples must be at least 1")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"accuracy level must be 0..4, got {self.accuracy_level}")
         if self.max_rel_error is not None and not self.validate:
             raise ConfigError("--max-rel-error needs validation; drop --no-validate")
+
+    @property
+    def epochs_to_tune(self) -> int:
+        """End-to-end tuning epochs: as given, else :data:`TUNE_EPOCHS` when real calibration
+        data is given (generated inputs are no ground to fit the whole model to)."""
+        if self.tune_epochs is not None:
+            return self.tune_epochs
+        return TUNE_EPOCHS if self.calib is not None else 0
 
     def replace(self, **changes) -> "OptimizeConfig":
         return replace(self, **changes)

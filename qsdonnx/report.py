@@ -32,6 +32,7 @@ class Report:
     config: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
+    tuning: dict = field(default_factory=dict)
 
     @classmethod
     def from_context(cls, ctx: Context, file_size_after: Optional[int]) -> "Report":
@@ -56,11 +57,12 @@ class Report:
         cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ctx.config).items()}
         return cls(layers=layers, totals=totals, validation=ctx.validation, config=cfg,
                    timings={k: round(v, 3) for k, v in ctx.timings.items()},
-                   plan=ctx.plan_summary)
+                   plan=ctx.plan_summary, tuning=ctx.tuning)
 
     def to_dict(self) -> dict:
         return _clean({"layers": self.layers, "totals": self.totals, "validation": self.validation,
-                       "config": self.config, "timings_s": self.timings, "plan": self.plan})
+                       "config": self.config, "timings_s": self.timings, "plan": self.plan,
+                       "tuning": self.tuning})
 
     def write_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
@@ -90,6 +92,13 @@ class Report:
         if t.get("file_size_before") and t.get("file_size_after"):
             out.append(f"file size {_fmt_bytes(t['file_size_before'])} -> {_fmt_bytes(t['file_size_after'])} "
                        f"({100 * t['file_ratio']:.1f}% of the original)")
+        tu = self.tuning
+        if tu.get("skipped"):
+            out.append(f"end-to-end tuning skipped: {tu['skipped']}")
+        if tu.get("held_out_loss"):
+            h = tu["held_out_loss"]
+            out.append(f"end-to-end tuning: held-out relative error {h[0]:.4g} -> {min(h):.4g} "
+                       f"({'kept' if tu['kept'] else 'no gain, not kept'}; {tu['epochs']} epochs, {tu['seconds']:.1f}s)")
         v = self.validation
         if v:
             out.append(f"validation on {v['samples']} inputs (original vs compressed in ONNX Runtime):")

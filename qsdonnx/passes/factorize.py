@@ -221,6 +221,16 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
     raise ConfigError(f"unknown method {m!r}")
 
 
+def measure_layer(rec: WeightRecord, W: np.ndarray, f: Factorization, H: Optional[np.ndarray]) -> None:
+    """The report's errors of one factorized weight: relative Frobenius error, and with ``H``
+    the relative output error ``sqrt(tr(ΔᵀHΔ) / tr(WᵀHW))``."""
+    What = f.dense()
+    rec.rel_error = float(np.linalg.norm(W - What)) / (float(np.linalg.norm(W)) or 1.0)
+    if H is not None:
+        rec.extra["output_rel_error"] = float(np.sqrt(relative_error(W, What, H)))
+    rec.extra["factor_bytes"] = f.nbytes()
+
+
 class FactorizeWeightsPass(Pass):
     """Runs each planned weight's factorization and measures its relative error."""
 
@@ -238,12 +248,7 @@ class FactorizeWeightsPass(Pass):
                 choice = LayerChoice(rec.method, rec.bits, rec.block_size, rec.rank)
                 dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
                 f = run_choice(W, choice, cfg, H, dense)
-            What = f.dense()
-            denom = float(np.linalg.norm(W)) or 1.0
-            rec.rel_error = float(np.linalg.norm(W - What)) / denom
-            if H is not None:
-                rec.extra["output_rel_error"] = float(np.sqrt(relative_error(W, What, H)))
-            rec.extra["factor_bytes"] = f.nbytes()
+            measure_layer(rec, W, f, H)
             rec.status = "compressed"
             ctx.factorizations[rec.name] = f
         return f"{len(todo)} weights factorized"
