@@ -166,8 +166,14 @@ def qsdonnx_specs(args) -> list[dict]:
                       "options": {"method": "rtn", "bits": bits}, "calib": False})
     for method in args.methods:
         for b in args.budgets:
+            # Plain round-to-nearest stays plain: no end-to-end tuning (the data-aware methods tune).
+            tune = {"tune_epochs": 0} if method == "rtn" else {}
             specs.append({"label": f"qsdonnx {method} {b:.1f}bpw", "method": method, "format": "qdq",
-                          "budget": b, "options": {"method": method, "bits_per_weight": b}, "calib": True})
+                          "budget": b, "options": {"method": method, "bits_per_weight": b, **tune}, "calib": True})
+            if method == "auto":
+                specs.append({"label": f"qsdonnx auto {b:.1f}bpw untuned", "method": "auto untuned",
+                              "format": "qdq", "budget": b, "calib": True,
+                              "options": {"method": method, "bits_per_weight": b, "tune_epochs": 0}})
     if not args.skip_latency:
         from qsdonnx.buildops import find_ops_library
 
@@ -178,7 +184,7 @@ def qsdonnx_specs(args) -> list[dict]:
                 spec = {"label": f"qsdonnx {method} {FORMAT_BUDGET:.1f}bpw {label}", "method": method,
                         "format": fmt, "budget": FORMAT_BUDGET, "calib": True,
                         "options": {"method": method, "bits_per_weight": FORMAT_BUDGET, "format": fmt,
-                                    "accuracy_level": level}}
+                                    "accuracy_level": level, **({"tune_epochs": 0} if method == "rtn" else {})}}
                 if fmt == "fused" and not have_ops:
                     spec["unavailable"] = "custom-op library not built (run `qsdonnx build-ops`)"
                 specs.append(spec)
