@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
     src = save(mlp(), d / "mlp.onnx")
     np.savez(d / "calib.npz", X=inputs(160, 1))
     out = {}
-    for epochs in (0, 30):
+    for epochs in (0, 80):
         dst = d / f"out{epochs}.onnx"
         report = d / f"r{epochs}.json"
         qsdonnx.optimize(src, dst, method="rtn", bits=2, block_size=32, calib=d / "calib.npz",
@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
 
 def test_tuning_lowers_the_error_on_new_inputs_at_the_same_size(runs):
     src, out = runs
-    (plain, _), (tuned, rep) = out[0], out[30]
+    (plain, _), (tuned, rep) = out[0], out[80]
     assert tuned.stat().st_size == plain.stat().st_size
     assert rep["totals"]["compressed_bytes_after"] == out[0][1]["totals"]["compressed_bytes_after"]
     fresh = {"X": inputs(400, 7)}  # neither calibrated nor tuned on
@@ -66,19 +66,19 @@ def test_tuning_lowers_the_error_on_new_inputs_at_the_same_size(runs):
 
 def test_the_report_records_the_held_out_error_and_keeps_the_best(runs):
     src, out = runs
-    t = out[30][1]["tuning"]
+    t = out[80][1]["tuning"]
     h = t["held_out_loss"]
-    assert len(h) == 31 and t["kept"] and min(h) < 0.9 * h[0]
+    assert len(h) == 81 and t["kept"] and min(h) < 0.9 * h[0]
     assert t["layers"] == 2 and t["graph_parameters"] == 4  # b1, the Constant b2, LayerNorm g and b
     assert out[0][1]["tuning"] == {}
     # The kept model's error on the held-out samples (every fifth calibration sample) is the
     # best epoch's, in ONNX Runtime.
     X = inputs(160, 1)[4::5]
     ref = run_model(src, {"X": X})[0]
-    got = run_model(out[30][0], {"X": X})[0]
+    got = run_model(out[80][0], {"X": X})[0]
     measured = float(np.sum((got - ref) ** 2) / np.sum(ref ** 2))
     assert measured == pytest.approx(min(h), rel=0.05)
-    layers = {l["name"]: l for l in out[30][1]["layers"]}
+    layers = {l["name"]: l for l in out[80][1]["layers"]}
     plain = {l["name"]: l for l in out[0][1]["layers"]}
     assert layers["W1"]["rel_error"] != plain["W1"]["rel_error"]  # measured again after tuning
 
