@@ -62,6 +62,12 @@ def _slice(x, starts, ends, axes=None, steps=None):
     return x
 
 
+def _gather(x, idx, axis):
+    axis %= x.dim()
+    picked = torch.index_select(x, axis, (idx % x.shape[axis]).reshape(-1))  # negative indices count from the end
+    return picked.reshape(list(x.shape[:axis]) + list(idx.shape) + list(x.shape[axis + 1:]))
+
+
 def _reshape(x, shape, allowzero=0):
     shape = list(shape)
     if not allowzero:
@@ -235,10 +241,7 @@ OPS: dict[str, Callable] = {
     "MaxPool": lambda i, a, o: _pool(i[0], a, "max"),
     "Shape": lambda i, a, o: torch.tensor(list(i[0].shape), dtype=torch.int64)[
         int(a.get("start", 0)):(a["end"] if "end" in a else None)],
-    "Gather": lambda i, a, o: torch.index_select(
-        i[0], int(a.get("axis", 0)) % i[0].dim(), (i[1] % i[0].shape[int(a.get("axis", 0))]).reshape(-1)
-    ).reshape(list(i[0].shape[:int(a.get("axis", 0)) % i[0].dim()]) + list(i[1].shape)
-              + list(i[0].shape[int(a.get("axis", 0)) % i[0].dim() + 1:])),
+    "Gather": lambda i, a, o: _gather(i[0], i[1], int(a.get("axis", 0))),
     "Unsqueeze": lambda i, a, o: _unsqueeze(i[0], _axes(i, a, o, 13)),
     "Squeeze": lambda i, a, o: _squeeze(i[0], _axes(i, a, o, 13)),
     "Concat": lambda i, a, o: torch.cat(list(_promote_all(i)), dim=int(a["axis"])),
