@@ -110,7 +110,7 @@ def test_unknown_operators_are_named():
 
 @pytest.mark.real
 def test_matches_onnxruntime_on_the_real_models():
-    models = pytest.importorskip("models")
+    pytest.importorskip("models")
     from models import minilm, ppocr
     import onnx
 
@@ -129,4 +129,3 @@ def test_matches_onnxruntime_on_the_real_models():
     with torch.no_grad():
         got = TorchGraph(rec)(x)[0].numpy()
     assert rel_l2(ref, got) < 1e-5
-    del models

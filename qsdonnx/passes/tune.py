@@ -14,9 +14,7 @@ error, and when no epoch beats the untuned model nothing changes.
 """
 from __future__ import annotations
 
-import logging
 import time
-from typing import Optional
 
 import numpy as np
 import onnx
@@ -29,10 +27,8 @@ from .base import Context, Pass
 from .canonicalize import node_attrs
 from .factorize import measure_layer
 
-log = logging.getLogger("qsdonnx")
-
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-# (op, input slot) that read a per-channel vector the model's own training set: biases, norms.
+# (op, input slot) where a float vector is a per-channel parameter the model learned: biases, norm gains and offsets.
 PARAM_SLOTS = {("Add", 0), ("Add", 1), ("Sub", 0), ("Sub", 1), ("Mul", 0), ("Mul", 1),
                ("LayerNormalization", 1), ("LayerNormalization", 2), ("Conv", 2), ("Gemm", 2),
                ("BatchNormalization", 1), ("BatchNormalization", 2)}
