@@ -152,6 +152,11 @@ def write_calibration(name: str, model_path: Path, out_dir: Path) -> Path:
     return path
 
 
+def _plain(method: str) -> dict:
+    """Plain round-to-nearest stays plain: no end-to-end tuning (the data-aware methods tune)."""
+    return {"tune_epochs": 0} if method == "rtn" else {}
+
+
 def qsdonnx_specs(args) -> list[dict]:
     """The qsdonnx variants of a run: (label, method, options, format)."""
     specs = []
@@ -166,10 +171,8 @@ def qsdonnx_specs(args) -> list[dict]:
                       "options": {"method": "rtn", "bits": bits}, "calib": False})
     for method in args.methods:
         for b in args.budgets:
-            # Plain round-to-nearest stays plain: no end-to-end tuning (the data-aware methods tune).
-            tune = {"tune_epochs": 0} if method == "rtn" else {}
             specs.append({"label": f"qsdonnx {method} {b:.1f}bpw", "method": method, "format": "qdq",
-                          "budget": b, "options": {"method": method, "bits_per_weight": b, **tune}, "calib": True})
+                          "budget": b, "options": {"method": method, "bits_per_weight": b, **_plain(method)}, "calib": True})
             if method == "auto":
                 specs.append({"label": f"qsdonnx auto {b:.1f}bpw untuned", "method": "auto untuned",
                               "format": "qdq", "budget": b, "calib": True,
@@ -184,7 +187,7 @@ def qsdonnx_specs(args) -> list[dict]:
                 spec = {"label": f"qsdonnx {method} {FORMAT_BUDGET:.1f}bpw {label}", "method": method,
                         "format": fmt, "budget": FORMAT_BUDGET, "calib": True,
                         "options": {"method": method, "bits_per_weight": FORMAT_BUDGET, "format": fmt,
-                                    "accuracy_level": level, **({"tune_epochs": 0} if method == "rtn" else {})}}
+                                    "accuracy_level": level, **_plain(method)}}
                 if fmt == "fused" and not have_ops:
                     spec["unavailable"] = "custom-op library not built (run `qsdonnx build-ops`)"
                 specs.append(spec)

@@ -104,9 +104,7 @@ def _conv(x, w, b, a):
 def _pool(x, a, kind):
     k = list(a["kernel_shape"])
     strides = list(a.get("strides", [1] * len(k)))
-    pads = list(a.get("pads", [0] * 2 * len(k)))
-    if any(pads[i] != pads[i + len(k)] for i in range(len(k))) or _attr(a, "auto_pad", "NOTSET") != "NOTSET":
-        raise NotImplementedError("asymmetric or automatic pooling pads")
+    pads = list(a.get("pads", [0] * 2 * len(k)))  # symmetric (see _setting_problem)
     ceil = bool(a.get("ceil_mode", 0))
     if kind == "avg":
         return F.avg_pool2d(x, k, strides, pads[:len(k)], ceil_mode=ceil,
@@ -157,10 +155,7 @@ _DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torc
 
 
 def _cast(x, a):
-    to = int(a["to"])
-    if to not in _DTYPES:
-        raise NotImplementedError(f"Cast to type {to}")
-    return x.to(_DTYPES[to])
+    return x.to(_DTYPES[int(a["to"])])  # a type _DTYPES holds (see _setting_problem)
 
 
 def _clip(i, a, opset):
@@ -309,11 +304,27 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+def _setting_problem(node: onnx.NodeProto, a: dict) -> str | None:
+    """What :class:`TorchGraph` cannot evaluate about ``node``: its operator, or a setting of a
+    known operator; None when it can."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in set(OPS) | set(MULTI_OUTPUT_OPS) | {"Constant"}:
+        return node.op_type
+    if node.op_type == "Constant" and "value" not in a:
+        return "Constant without a tensor value"
+    if node.op_type == "Cast" and int(a["to"]) not in _DTYPES:
+        return f"Cast to type {int(a['to'])}"
+    if node.op_type in ("AveragePool", "MaxPool"):
+        k = len(a.get("kernel_shape", []))
+        pads = list(a.get("pads", [0] * 2 * k))
+        if _attr(a, "auto_pad", "NOTSET") != "NOTSET" or any(pads[i] != pads[i + k] for i in range(k)):
+            return f"{node.op_type} with asymmetric or automatic pads"
+    return None
+
+
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
-    """The operators of the main graph that :class:`TorchGraph` cannot evaluate."""
-    known = set(OPS) | set(MULTI_OUTPUT_OPS) | {"Constant"}
-    return sorted({n.op_type for n in model.graph.node
-                   if n.op_type not in known or n.domain not in ("", "ai.onnx")})
+    """The operators (or operator settings) of the main graph that :class:`TorchGraph` cannot
+    evaluate; every other node is evaluated."""
+    return sorted({p for n in model.graph.node if (p := _setting_problem(n, node_attrs(n))) is not None})
 
 
 class TorchGraph:
@@ -329,8 +340,6 @@ class TorchGraph:
         self.nodes = [(n, node_attrs(n)) for n in model.graph.node]
         for n, a in self.nodes:
             if n.op_type == "Constant":
-                if "value" not in a:
-                    raise NotImplementedError("Constant without a tensor value")
                 self.consts[n.output[0]] = _to_torch(numpy_helper.to_array(a["value"]))
         self.outputs = [o.name for o in model.graph.output]
 

@@ -108,6 +108,15 @@ def test_unknown_operators_are_named():
         TorchGraph(model)
 
 
+def test_unsupported_settings_of_known_operators_are_named_before_any_run():
+    pool = helper.make_node("AveragePool", ["X"], ["Y"], kernel_shape=[2, 2], pads=[0, 0, 1, 1])
+    cast = helper.make_node("Cast", ["X"], ["Z"], to=TensorProto.STRING)
+    model = make_model([pool, cast], [helper.make_tensor_value_info("X", F32, [1, 1, 4, 4])],
+                       [helper.make_tensor_value_info("Y", F32, [1, 1, 4, 4]),
+                        helper.make_tensor_value_info("Z", TensorProto.STRING, [1, 1, 4, 4])])
+    assert unsupported_ops(model) == ["AveragePool with asymmetric or automatic pads", "Cast to type 8"]
+
+
 @pytest.mark.real
 def test_matches_onnxruntime_on_the_real_models():
     pytest.importorskip("models")

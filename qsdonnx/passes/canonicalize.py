@@ -56,11 +56,12 @@ def matrix_view(op: str, weight: np.ndarray, attrs: dict) -> tuple[str, np.ndarr
 
 
 def weight_from_matrix(op: str, matrix: np.ndarray, shape: tuple[int, ...], attrs: dict) -> np.ndarray:
-    """Inverse of :func:`matrix_view`: the tensor that ``matrix`` stands for."""
+    """Inverse of :func:`matrix_view`: the tensor that ``matrix`` stands for (a numpy array or a
+    torch tensor, kept in its type)."""
     if op == "MatMul":
         return matrix
     if op == "Gemm":
-        w = matrix / np.asarray(attrs.get("alpha", 1.0), dtype=matrix.dtype)
+        w = matrix / float(attrs.get("alpha", 1.0))
         return w.T if attrs.get("transB", 0) else w
     if op == "Conv":
         return matrix.T.reshape(shape)

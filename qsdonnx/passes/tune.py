@@ -22,9 +22,10 @@ import torch
 from onnx import numpy_helper
 
 from ..factorize.tune import Relative, TunableFactorization, tunable
+from ..graph import node_key
 from ..torch_graph import TorchGraph, unsupported_ops
 from .base import Context, Pass
-from .canonicalize import node_attrs
+from .canonicalize import node_attrs, weight_from_matrix
 from .factorize import measure_layer
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -34,19 +35,6 @@ PARAM_SLOTS = {("Add", 0), ("Add", 1), ("Sub", 0), ("Sub", 1), ("Mul", 0), ("Mul
                ("BatchNormalization", 1), ("BatchNormalization", 2)}
 HOLD_OUT_EVERY = 5
 TUNE_LR = 1e-4  # Adam step on the relative changes δ; at 3e-4 PP-OCRv4 rec at 4.5 bpw diverged after two epochs
-
-
-def _tensor_of(op: str, matrix: torch.Tensor, shape: tuple[int, ...], attrs: dict) -> torch.Tensor:
-    """The weight tensor that the ``(K, N)`` matrix view stands for (torch form of
-    :func:`~qsdonnx.passes.canonicalize.weight_from_matrix`)."""
-    if op == "MatMul":
-        return matrix
-    if op == "Gemm":
-        w = matrix / float(attrs.get("alpha", 1.0))
-        return w.T if attrs.get("transB", 0) else w
-    if op == "Conv":
-        return matrix.T.reshape(shape)
-    return matrix.T  # Gather
 
 
 def graph_parameters(model: onnx.ModelProto, exclude: set[str]) -> dict[str, np.ndarray]:
@@ -134,11 +122,11 @@ class TunePass(Pass):
         start = time.perf_counter()
         graph = TorchGraph(ctx.model)
         reference = TorchGraph(ctx.original)
+        nodes = {node_key(n): n for n in ctx.model.graph.node}
         views = {}
         for name in tunables:
             rec = ctx.record(name)
-            node = next((n for n in ctx.model.graph.node if name in n.input), None)
-            views[name] = (rec.op, tuple(rec.shape), node_attrs(node) if node is not None else {})
+            views[name] = (rec.op, tuple(rec.shape), node_attrs(nodes[rec.nodes[0]]))
         originals = graph_parameters(ctx.model, set(ctx.factorizations))
         gparams = {n: Relative(v.astype(np.float32), "value") for n, v in originals.items()}
         params = [p for t in tunables.values() for p in t.parameters()] + [g.delta for g in gparams.values()]
@@ -148,7 +136,7 @@ class TunePass(Pass):
         t_train, t_held = targets[:len(train)], targets[len(train):]
 
         def overrides() -> dict[str, torch.Tensor]:
-            out = {n: _tensor_of(views[n][0], t.weight(), views[n][1], views[n][2]) for n, t in tunables.items()}
+            out = {n: weight_from_matrix(views[n][0], t.weight(), views[n][1], views[n][2]) for n, t in tunables.items()}
             out.update({n: g.value() for n, g in gparams.items()})
             return out
 
