@@ -36,7 +36,8 @@ def cli(verbose: int) -> None:
               help="rtn: block-wise round-to-nearest; svd: truncated SVD (float factors); lplr: quantized "
                    "low-rank factors; gptq: error-feedback rounding on calibration data; caldera: Q + L·R; "
                    "qsd: sparse quantized factors; pq: product-quantized Gather tables (--bits code bits per "
-                   "value, other weights rtn); vq: 2-D vector codebooks with error feedback (2, 3 or 4 bits per "
+                   "value, other weights rtn); trellis: trellis-coded Gather tables (2 bits per value, other weights "
+                   "rtn); vq: 2-D vector codebooks with error feedback (2, 3 or 4 bits per "
                    "weight; decoded to a float weight when the model is loaded, which needs more memory); auto: "
                    "the planner chooses per layer.")
 @click.option("--bits", type=click.Choice([str(b) for b in BITS]), default="4", show_default=True,

@@ -8,7 +8,7 @@ from typing import Optional
 
 from .errors import ConfigError
 
-METHODS = ("rtn", "svd", "lplr", "gptq", "caldera", "qsd", "pq", "vq", "auto")
+METHODS = ("rtn", "svd", "lplr", "gptq", "caldera", "qsd", "pq", "trellis", "vq", "auto")
 LOWRANK_METHODS = ("svd", "lplr", "caldera", "qsd")
 DATA_AWARE_METHODS = ("gptq", "caldera", "qsd", "vq")
 FORMATS = ("qdq", "nbits", "fused")

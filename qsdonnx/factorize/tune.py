@@ -11,9 +11,9 @@ fitted values back into a factorization of exactly the same size.
 
 Each parameter is trained as a relative change: a scale as ``s₀·(1 + δ)``, a value as
 ``v₀ + δ·rms(v₀)``, with ``δ`` starting at zero, so one step size suits every tensor.
-Product-quantized tables (:class:`~.pq.ProductQuantizedMatrix`) are left as they are: most of
-their rows never occur in a calibration set, and their shared codebooks would be fitted to the
-few that do.
+Product-quantized and trellis-coded tables (:class:`~.pq.ProductQuantizedMatrix`,
+:class:`~.trellis.TrellisTable`) are left as they are: most of their rows never occur in a
+calibration set, and their shared codebooks or lookup table would be fitted to the few that do.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from ..factorize.budget import lowrank_nbytes, qsd_nbytes, rank_for_budget, rtn_
 from ..factorize.linalg import weighted_error_fast
 from ..factorize.lplr import lplr_factorize
 from ..factorize.pq import pq_applicable, pq_factorize, pq_nbytes
+from ..factorize.trellis import TRELLIS_BITS, trellis_applicable, trellis_factorize, trellis_nbytes
 from ..factorize.rtn import rtn_factorize
 from ..factorize.svd import svd_factorize
 from ..factorize.types import Factorization, container_width
@@ -52,6 +53,8 @@ class LayerChoice:
         c = self.bits  # code width
         if self.method == "pq":  # block_size is the sub-vector length
             return pq_nbytes(K, N, self.block_size, scale_dtype=cfg.scale_dtype)
+        if self.method == "trellis":
+            return trellis_nbytes(K, N, scale_dtype=cfg.scale_dtype)
         if self.method == "vq":  # block_size is the rows sharing one codebook
             return vq_nbytes(K, N, VQ_DIM, VQ_CODE_BITS[self.bits], self.block_size, cfg.scale_dtype)
         if self.method in ("rtn", "gptq"):
@@ -72,13 +75,15 @@ class LayerChoice:
         if self.method == "vq":
             cb = VQ_CODE_BITS[self.bits]
             return {cb} if cb < 8 else set()
-        if self.method == "pq" or self.method == "svd":
+        if self.method in ("pq", "trellis", "svd"):
             return set()
         return {self.bits} if self.bits != container_width(self.bits) else set()
 
     def label(self) -> str:
         if self.method == "pq":
             return f"pq {self.bits}b d={self.block_size}"
+        if self.method == "trellis":
+            return f"trellis {self.bits}b"
         s = f"{self.method} {self.bits}b/{self.block_size}" if self.method != "svd" else "svd"
         return s + (f" r={self.rank}" if self.rank else "")
 
@@ -131,6 +136,13 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
             note, method = f"pq needs the row width divisible by {PQ_SUB_DIMS[bits]} and enough rows; rtn", "rtn"
         else:
             return LayerChoice("pq", bits, PQ_SUB_DIMS[bits]), ""
+    if method == "trellis":
+        if rec.view != "embedding":
+            note, method = "trellis codes apply to Gather tables only; quantized with rtn", "rtn"
+        elif not trellis_applicable(K, N):
+            note, method = "trellis codes need whole bytes of 2-bit symbols per row and at least 2048 rows; rtn", "rtn"
+        else:
+            return LayerChoice("trellis", TRELLIS_BITS, 0), ""
     if method == "vq":
         if bits not in VQ_CODE_BITS:
             raise ConfigError(f"vq stores 2, 3 or 4 bits per weight, not {bits}")
@@ -205,6 +217,8 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
                             seed=cfg.seed, feedback=m == "vq")
     if m == "pq":
         return pq_factorize(W, choice.block_size, scale_dtype=cfg.scale_dtype, seed=cfg.seed)
+    if m == "trellis":
+        return trellis_factorize(W, scale_dtype=cfg.scale_dtype, seed=cfg.seed)
     if m == "svd":
         return svd_factorize(W, choice.rank, dtype=dense_dtype)
     if m == "lplr":
@@ -284,7 +298,11 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
               if pq_applicable(K, N, PQ_SUB_DIMS[b])]
         if method == "pq" and pq:
             return pq
-    if method == "pq":  # not a table, or one too small for codebooks
+    if rec.view == "embedding" and method in ("auto", "trellis", "vq") and trellis_applicable(K, N):
+        pq.append(LayerChoice("trellis", TRELLIS_BITS, 0))
+        if method == "trellis":
+            return pq
+    if method in ("pq", "trellis"):  # not a table, or one too small for codes
         method = "rtn"
     vq = []
     # Only when asked for: vector codes are decoded to a float weight when the model is loaded,

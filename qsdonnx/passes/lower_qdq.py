@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from ..factorize.packing import pack_bits, pack_stream, unpack_bits
 from ..factorize.pq import ProductQuantizedMatrix
+from ..factorize.trellis import TrellisTable
 from ..factorize.vq import VectorQuantizedMatrix, order_dtype
 from ..factorize.types import (DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix,
                                container_width)
@@ -461,12 +462,43 @@ def _node_maker(edit: GraphEdit, tag: str, nodes: list[onnx.NodeProto]):
     return n
 
 
+def gather_unpacked(n, em: "QdqEmitter", table: str, ids: str, bits: int, label: str, count: int) -> str:
+    """Rows ``ids`` of a table packed along its last axis (``8 / bits`` codes to a byte, lowest
+    bits first, as :func:`pack_bits` writes them), unpacked to ``count`` codes."""
+    g = n("Gather", [table, ids], f"gather_{label}", axis=0)
+    if bits == 8:
+        return g
+    parts = []
+    mask = em.const(f"{label}_mask", np.array((1 << bits) - 1, np.uint8), "uint8")
+    axes = em.const(f"{label}_axes", np.array([-1], np.int64), "int64")
+    for j in range(8 // bits):
+        v = g
+        if j:
+            sh = em.const(f"{label}_shift{j}", np.array(j * bits, np.uint8), "uint8")
+            v = n("BitShift", [g, sh], f"{label}_shift{j}", direction="RIGHT")
+        v = n("BitwiseAnd", [v, mask], f"{label}_mask{j}")
+        parts.append(n("Unsqueeze", [v, axes], f"{label}_unsq{j}"))
+    g = n("Concat", parts, f"{label}_interleave", axis=-1)
+    flat_shape = em.const(f"{label}_flat", np.array([-1], np.int64), "int64")
+    lead = n("Slice", [n("Shape", [g], f"{label}_shape"), em.const(f"{label}_s0", np.array([0], np.int64), "int64"),
+                       em.const(f"{label}_s1", np.array([-2], np.int64), "int64")], f"{label}_lead")
+    g = n("Reshape", [g, n("Concat", [lead, flat_shape], f"{label}_flatshape", axis=0)], f"{label}_flatten")
+    if (count * bits) % 8:
+        # The last byte of each row holds padding codes: keep the first ``count``.
+        g = n("Slice", [g, em.const(f"{label}_c0", np.array([0], np.int64), "int64"),
+                        em.const(f"{label}_c1", np.array([count], np.int64), "int64"),
+                        em.const(f"{label}_ax", np.array([-1], np.int64), "int64")], f"{label}_trim")
+    return g
+
+
 def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: WeightRecord) -> list[onnx.NodeProto]:
     """Gather of an embedding table stored as packed codes: gather rows of codes and scales,
     unpack, then ``(u - zero_point) · scale`` on just those rows."""
     qm = em.f.q
     if isinstance(qm, ProductQuantizedMatrix):
         return lower_gather_pq(edit, em, node, qm)
+    if isinstance(qm, TrellisTable):
+        return lower_gather_trellis(edit, em, node, qm)
     tag = node_key(node)
     D, V = qm.shape
     bits = container_width(qm.bits)
@@ -495,33 +527,6 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
     nodes: list[onnx.NodeProto] = []
     n = _node_maker(edit, tag, nodes)
 
-    def gather_unpacked(table: str, label: str, count: int) -> str:
-        """Rows ``ids`` of a table packed along its last axis, unpacked to ``count`` codes."""
-        g = n("Gather", [table, ids], f"gather_{label}", axis=0)
-        if bits == 8:
-            return g
-        parts = []
-        mask = em.const(f"{label}_mask", np.array((1 << bits) - 1, np.uint8), "uint8")
-        axes = em.const(f"{label}_axes", np.array([-1], np.int64), "int64")
-        for j in range(8 // bits):
-            v = g
-            if j:
-                sh = em.const(f"{label}_shift{j}", np.array(j * bits, np.uint8), "uint8")
-                v = n("BitShift", [g, sh], f"{label}_shift{j}", direction="RIGHT")
-            v = n("BitwiseAnd", [v, mask], f"{label}_mask{j}")
-            parts.append(n("Unsqueeze", [v, axes], f"{label}_unsq{j}"))
-        g = n("Concat", parts, f"{label}_interleave", axis=-1)
-        flat_shape = em.const(f"{label}_flat", np.array([-1], np.int64), "int64")
-        lead = n("Slice", [n("Shape", [g], f"{label}_shape"), em.const(f"{label}_s0", np.array([0], np.int64), "int64"),
-                           em.const(f"{label}_s1", np.array([-2], np.int64), "int64")], f"{label}_lead")
-        g = n("Reshape", [g, n("Concat", [lead, flat_shape], f"{label}_flatshape", axis=0)], f"{label}_flatten")
-        if (count * bits) % 8:
-            # The last byte of each row holds padding codes: keep the first ``count``.
-            g = n("Slice", [g, em.const(f"{label}_c0", np.array([0], np.int64), "int64"),
-                            em.const(f"{label}_c1", np.array([count], np.int64), "int64"),
-                            em.const(f"{label}_ax", np.array([-1], np.int64), "int64")], f"{label}_trim")
-        return g
-
     if narrow:
         g = unpack_stream_nodes(n, edit.shared_const, n("Gather", [codes, ids], "gather_codes", axis=0),
                                 code_bits, "codes")  # (..., groups, 8)
@@ -532,7 +537,7 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
                             em.const("codes_c1", np.array([D], np.int64), "int64"),
                             em.const("codes_ax", np.array([-1], np.int64), "int64")], "codes_trim")
     else:
-        g = gather_unpacked(codes, "codes", D)
+        g = gather_unpacked(n, em, codes, ids, bits, "codes", D)
     gs = n("Gather", [scales, ids], "gather_scales", axis=0)  # (..., kb)
     if qm.scale_dtype != em.dtype:
         gs = n("Cast", [gs], "scales_cast", to=em.onnx_dtype)
@@ -548,7 +553,7 @@ def lower_gather(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Wei
     else:
         zpk = edit.add_initializer(numpy_helper.from_array(pack_bits(zp.astype(np.uint8), bits),
                                                            f"{em.base}.zero_points"))
-        gz = gather_unpacked(zpk, "zp", kb)
+        gz = gather_unpacked(n, em, zpk, ids, bits, "zp", kb)
         gzf = n("Cast", [gz], "zp_float", to=em.onnx_dtype)
         axes = em.const("axes_last2", np.array([-1], np.int64), "int64")
         cz = n("Sub", [cb, n("Unsqueeze", [gzf, axes], "zp_unsq")], "center")
@@ -592,6 +597,60 @@ def lower_gather_pq(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto,
         rows = n("Cast", [rows], "rows_cast", to=em.onnx_dtype)
         gs = n("Cast", [gs], "scales_cast", to=em.onnx_dtype)
     nodes.append(edit.node("Mul", [rows, gs], f"{tag}.qsd.rows", outputs=[node.output[0]]))
+    return nodes
+
+
+def lower_gather_trellis(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto,
+                         tt: TrellisTable) -> list[onnx.NodeProto]:
+    """Gather of a trellis-coded table: gather the rows' symbols and unpack them, read each
+    value's state from the last ``window`` symbols (zeros before the row's start), look the
+    states up, multiply by the gathered row scales, and put the exact rows in place of theirs."""
+    tag = node_key(node)
+    D, V = tt.shape
+    w = tt.window
+    codes = edit.add_initializer(numpy_helper.from_array(tt.packed_symbols(), f"{em.base}.symbols"))
+    lut = edit.add_initializer(float_tensor(f"{em.base}.lut", tt.lut, tt.scale_dtype))
+    scales = edit.add_initializer(float_tensor(f"{em.base}.scales", tt.scales, tt.scale_dtype))
+    ids = node.input[1]
+    nodes: list[onnx.NodeProto] = []
+    n = _node_maker(edit, tag, nodes)
+    i32 = onnx.TensorProto.INT32
+
+    sym = n("Cast", [gather_unpacked(n, em, codes, ids, tt.bits, "symbols", D)], "symbols_int", to=i32)  # (..., D)
+    shape_ids = n("Shape", [ids], "ids_shape")
+    lead_zeros = n("ConstantOfShape", [n("Concat", [shape_ids, em.const("history", np.array([w - 1], np.int64), "int64")],
+                                        "history_shape", axis=0)],
+                   "history", value=numpy_helper.from_array(np.zeros(1, np.int32)))
+    padded = n("Concat", [lead_zeros, sym], "padded", axis=-1)  # (..., w - 1 + D)
+    axes = em.const("axes_last", np.array([-1], np.int64), "int64")
+    state = sym
+    for i in range(1, w):
+        # symbol t - i sits at position t + w - 1 - i of the padded row
+        prev = n("Slice", [padded, em.const(f"from{i}", np.array([w - 1 - i], np.int64), "int64"),
+                           em.const(f"to{i}", np.array([w - 1 - i + D], np.int64), "int64"), axes], f"back{i}")
+        weight = em.const(f"weight{i}", np.array(1 << (tt.bits * i), np.int32), "int32")
+        state = n("Add", [state, n("Mul", [prev, weight], f"shift{i}")], f"state{i}")
+    table = lut if tt.scale_dtype == em.dtype else n("Cast", [lut], "lut_cast", to=em.onnx_dtype)
+    vals = n("Gather", [table, state], "lookup", axis=0)  # (..., D)
+    gs = n("Unsqueeze", [n("Gather", [scales, ids], "gather_scales", axis=0), axes], "scale_unsq")
+    if tt.scale_dtype != em.dtype:
+        gs = n("Cast", [gs], "scales_cast", to=em.onnx_dtype)
+    if not len(tt.exact_rows):
+        nodes.append(edit.node("Mul", [vals, gs], f"{tag}.qsd.rows", outputs=[node.output[0]]))
+        return nodes
+    rows = n("Mul", [vals, gs], "rows_coded")
+    exact_ids = edit.add_initializer(numpy_helper.from_array(tt.exact_rows.astype(np.int64), f"{em.base}.exact_rows"))
+    exact_vals = edit.add_initializer(float_tensor(f"{em.base}.exact_values", tt.exact_values, tt.scale_dtype))
+    if tt.scale_dtype != em.dtype:
+        exact_vals = n("Cast", [exact_vals], "exact_cast", to=em.onnx_dtype)
+    ids64 = n("Cast", [ids], "ids_int64", to=onnx.TensorProto.INT64)
+    match = n("Cast", [n("Equal", [n("Unsqueeze", [ids64, axes], "ids_unsq"), exact_ids], "match")],
+              "match_float", to=onnx.TensorProto.FLOAT)  # (..., E)
+    pos = n("ArgMax", [match], "exact_pos", axis=-1, keepdims=0)  # first match, or 0 when none
+    hit = n("Equal", [n("Gather", [exact_ids, pos], "exact_id", axis=0), ids64], "is_exact")
+    exact = n("Gather", [exact_vals, pos], "gather_exact", axis=0)  # (..., D)
+    nodes.append(edit.node("Where", [n("Unsqueeze", [hit, axes], "is_exact_unsq"), exact, rows],
+                           f"{tag}.qsd.rows", outputs=[node.output[0]]))
     return nodes
 
 
