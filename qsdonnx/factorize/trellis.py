@@ -118,7 +118,8 @@ def viterbi(x: torch.Tensor, lut: torch.Tensor, bits: int, window: int) -> torch
     for t in range(1, T):
         best, arg = cost.view(B, P, R).min(1)
         back[t] = arg
-        cost = best.repeat_interleave(P, dim=1) + (x[:, t:t + 1] - lut[None, :]) ** 2
+        # state s = prefix · 2^bits + symbol, with prefix = s >> bits
+        cost = (x[:, t:t + 1] - lut[None, :]).square_().view(B, R, P).add_(best[:, :, None]).view(B, S)
     s = cost.argmin(1)
     states = torch.empty((B, T), dtype=torch.int64)
     rows = torch.arange(B)
