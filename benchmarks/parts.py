@@ -1,10 +1,10 @@
 """Where MiniLM's embedding error comes from: the held-out cosine with only one part compressed.
 
-    python -m benchmarks.parts [--method vq] [--bits 3] [--table pq:2] [--tune-epochs 0] [--out DIR]
+    python -m benchmarks.parts [--method vq] [--bits 3] [--table trellis:2] [--tune-epochs 0] [--out DIR]
 
 Every row compresses one group of weights at a fixed setting (the linear layers with
 ``--method`` at ``--bits``, the word-embedding table with ``--table METHOD:BITS``, by default
-the product codes the planner picks for it at 3 bits per weight; calibrated on
+the trellis codes the planner picks for it at 3 bits per weight; calibrated on
 ``calib_inputs()``) and leaves every other weight as it is (``--override REGEX:skip``); the first
 row compresses all of them.  Each row gives the mean, 10th percentile
 and minimum cosine of the sentence embeddings on the disjoint ``eval_inputs()`` against the
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.parts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default="vq", help="method for every compressed part (default vq)")
     ap.add_argument("--bits", type=int, default=3, help="bits per code for every compressed part (default 3)")
-    ap.add_argument("--table", default="pq:2", metavar="METHOD:BITS",
-                    help="setting of the word-embedding table (default pq:2, 4-value product codes)")
+    ap.add_argument("--table", default="trellis:2", metavar="METHOD:BITS",
+                    help="setting of the word-embedding table (default trellis:2; pq:2 for 4-value product codes)")
     ap.add_argument("--tune-epochs", type=int, default=0,
                     help="end-to-end tuning epochs (default 0: each part as its algorithm left it)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where parts.md and parts.json go")

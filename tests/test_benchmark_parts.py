@@ -15,7 +15,7 @@ NAMES = ["word_embeddings.weight", "position_embeddings",
 
 
 def _kept(pattern):
-    cfg = OptimizeConfig(overrides=tuple(parse_override(o) for o in parts.overrides(pattern, "pq:2")))
+    cfg = OptimizeConfig(overrides=tuple(parse_override(o) for o in parts.overrides(pattern, "trellis:2")))
     kept = {}
     for n in NAMES:
         ov = cfg.override_for(n)
@@ -32,14 +32,15 @@ def test_each_part_keeps_exactly_its_weights_and_the_table_setting():
                       "FFN intermediate": 6, "FFN output": 6}
     assert set(_kept(parts.PARTS["FFN output"])) == {f"layers.{i}.output.weight_t" for i in range(6)}
     table = _kept(parts.PARTS["word-embedding table"])["word_embeddings.weight"]
-    assert (table.method, table.bits) == ("pq", 2)
+    assert (table.method, table.bits) == ("trellis", 2)
     assert _kept(None)["layers.0.attention.query.weight_t"] is None  # not touched by the table setting
 
 
 @pytest.mark.real
 @pytest.mark.slow
 def test_parts_run_on_minilm(tmp_path):
-    assert parts.main(["--method", "gptq", "--bits", "4", "--out", str(tmp_path), "--work", str(tmp_path / "w")]) == 0
+    assert parts.main(["--method", "gptq", "--bits", "4", "--table", "pq:2", "--out", str(tmp_path),
+                       "--work", str(tmp_path / "w")]) == 0
     rows = {r["part"]: r for r in json.loads((tmp_path / "parts.json").read_text())["rows"]}
     assert [rows[p]["weights"] for p in parts.PARTS] == [37, 1, 36, 12, 12, 6, 6]  # position_embeddings feeds a Slice: not a weight
     assert rows["word-embedding table"]["bits_per_weight"] == pytest.approx(2.18, abs=0.01)
