@@ -32,9 +32,10 @@ FORMATS = ["qdq", "nbits"] + (["fused"] if find_ops_library() is not None else [
 
 
 def ids_with_exact_rows(exact):
-    """Ids that include two of the exact rows (one twice) beside coded rows."""
+    """Ids that include two of the exact rows (one twice, once counted from the end) beside coded
+    rows, one of them also counted from the end."""
     e0, e1 = (int(v) for v in exact[:2])
-    return np.array([[0, 4095, e0, 3, e1], [128, 1, 2000, e0, 9]])
+    return np.array([[0, 4095, e0, 3, e1], [128, -1, 2000, e0 - V, 9]])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -52,12 +53,14 @@ def test_trellis_table_decodes_to_the_factorization(tmp_path, fmt):
     rows = f.dense().T
     np.testing.assert_allclose(y, rows[ids] @ W, rtol=1e-5, atol=1e-5)
     e0 = ids[0, 2]
-    np.testing.assert_allclose(y[0, 2], T[e0].astype(np.float16).astype(np.float32) @ W, rtol=1e-5, atol=1e-5)
+    exact = T[e0].astype(np.float16).astype(np.float32) @ W
+    np.testing.assert_allclose(y[0, 2], exact, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[1, 3], exact, rtol=1e-5, atol=1e-5)  # the same row, as e0 - V
     assert 0.05 < rel_l2(T[ids] @ W, y) < 0.4  # 2 bits per value
     # Stored: symbols, lookup table, row scales, exact rows; plus the decoding subgraph's small
     # constants (unpacking: a uint8 mask, 3 uint8 shifts, 4 int64; states: the history length,
-    # the axis and 4 slice starts and ends in int64, and 4 int32 weights)
-    consts = 1 + 3 + 4 * 8 + (2 + 8) * 8 + 4 * 4
+    # the axis and 4 slice starts and ends in int64, and 4 int32 weights; negative ids: 2 int64)
+    consts = 1 + 3 + 4 * 8 + (2 + 8) * 8 + 4 * 4 + 2 * 8
     assert layer["bytes_after"] == trellis_nbytes(D, V) + consts
     onnx.checker.check_model(onnx.load(str(dst)), full_check=True)
 
@@ -91,3 +94,8 @@ def test_trellis_falls_back_to_rtn_off_tables_and_the_planner_offers_it():
     assert "trellis 2b" in labels(30522) and "pq 2b d=4" in labels(30522)
     assert labels(30522, "trellis") == ["trellis 2b"]
     assert "trellis 2b" not in labels(1000)  # too few rows for one shared lookup table
+    # a table of 128k rows of 4096: offered only when asked for (minutes of Viterbi search)
+    big = WeightRecord(name="T", op="Gather", nodes=["emb"], shape=(131072, 4096), dtype="float32",
+                       location="initializer", view="embedding", matrix_shape=(4096, 131072))
+    assert "trellis 2b" not in [c.label() for c in candidate_choices(big, OptimizeConfig(), False)]
+    assert [c.label() for c in candidate_choices(big, OptimizeConfig(method="trellis"), False)] == ["trellis 2b"]

@@ -131,7 +131,10 @@ def viterbi(x: torch.Tensor, lut: torch.Tensor, bits: int, window: int) -> torch
     return states
 
 
-def _code(x: torch.Tensor, lut: torch.Tensor, bits: int, window: int, chunk: int = 256) -> torch.Tensor:
+def _code(x: torch.Tensor, lut: torch.Tensor, bits: int, window: int) -> torch.Tensor:
+    """:func:`viterbi` over chunks of rows, each holding at most 64 MiB of back pointers."""
+    per_row = x.shape[1] << (bits * (window - 1))
+    chunk = max(16, min(256, (64 << 20) // per_row))
     return torch.cat([viterbi(x[i:i + chunk], lut, bits, window) for i in range(0, x.shape[0], chunk)])
 
 

@@ -271,6 +271,7 @@ class FactorizeWeightsPass(Pass):
 # --- the global planner -----------------------------------------------------------------------
 
 PQ_SUB_DIMS = {2: 4, 4: 2, 8: 1}  # code bits per value -> sub-vector length (8-bit codes)
+PLAN_TRELLIS_MAX_VALUES = 1 << 25  # larger tables: the Viterbi search takes minutes, not offered unasked
 PLAN_PQ_BITS = (2,)  # the planner's product-quantized table setting (finer ones cost more time than they gain)
 PLAN_BITS = (2, 3, 4, 8)
 PLAN_BLOCKS = (32, 64, 128)
@@ -298,7 +299,8 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
               if pq_applicable(K, N, PQ_SUB_DIMS[b])]
         if method == "pq" and pq:
             return pq
-    if rec.view == "embedding" and method in ("auto", "trellis", "vq") and trellis_applicable(K, N):
+    if (rec.view == "embedding" and trellis_applicable(K, N)
+            and (method == "trellis" or (method in ("auto", "vq") and K * N <= PLAN_TRELLIS_MAX_VALUES))):
         pq.append(LayerChoice("trellis", TRELLIS_BITS, 0))
         if method == "trellis":
             return pq

@@ -644,6 +644,10 @@ def lower_gather_trellis(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto,
     if tt.scale_dtype != em.dtype:
         exact_vals = n("Cast", [exact_vals], "exact_cast", to=em.onnx_dtype)
     ids64 = n("Cast", [ids], "ids_int64", to=onnx.TensorProto.INT64)
+    # Gather counts negative ids from the end: compare row numbers, not ids.
+    ids64 = n("Where", [n("Less", [ids64, em.const("zero_id", np.array(0, np.int64), "int64")], "negative_id"),
+                        n("Add", [ids64, em.const("rows", np.array(V, np.int64), "int64")], "wrapped_id"), ids64],
+              "row_number")
     match = n("Cast", [n("Equal", [n("Unsqueeze", [ids64, axes], "ids_unsq"), exact_ids], "match")],
               "match_float", to=onnx.TensorProto.FLOAT)  # (..., E)
     pos = n("ArgMax", [match], "exact_pos", axis=-1, keepdims=0)  # first match, or 0 when none
