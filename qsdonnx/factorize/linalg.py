@@ -17,6 +17,11 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy()
 
 
+def round_to(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``x`` rounded to the values ``dtype`` (e.g. ``"float16"``) can hold, in ``x``'s own type."""
+    return x.to(getattr(torch, dtype)).to(x.dtype)
+
+
 def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     """``H + damp * mean(diag(H)) * I`` with dead inputs (zero diagonal) given a unit diagonal.
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .linalg import round_to
 from .types import Factorization
 
 PQ_CODE_BITS = 8  # one byte per sub-vector code
@@ -73,9 +74,6 @@ def pq_applicable(D: int, V: int, sub_dim: int, code_bits: int = PQ_CODE_BITS) -
     return D % sub_dim == 0 and V >= MIN_ROWS_PER_CENTROID * (1 << code_bits)
 
 
-def _round_to(x: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    return x.to(getattr(torch, scale_dtype)).to(torch.float32)
-
 
 def _seed_centroids(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii, 2007), batched over sub-spaces: each next
@@ -118,7 +116,7 @@ def pq_quantize(W: np.ndarray, sub_dim: int, code_bits: int = PQ_CODE_BITS, iter
         raise ValueError(f"{V} rows cannot train {k} centroids")
     S = D // sub_dim
     rows = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))  # (V, D)
-    norms = _round_to(torch.linalg.vector_norm(rows, dim=1), scale_dtype)
+    norms = round_to(torch.linalg.vector_norm(rows, dim=1), scale_dtype)
     norms = torch.where(norms > 0, norms, torch.ones_like(norms))
     u = (rows / norms[:, None]).reshape(V, S, sub_dim).permute(1, 0, 2).contiguous()  # (S, V, d)
     weight = (norms.to(torch.float64) ** 2).to(torch.float32)  # (V,)
@@ -146,7 +144,7 @@ def pq_quantize(W: np.ndarray, sub_dim: int, code_bits: int = PQ_CODE_BITS, iter
             used = wsum > 0
             C = torch.where(used[:, :, None], acc / wsum.clamp_min(1e-30)[:, :, None], C)
         # Centroids are stored in the scale dtype; every row is coded against the stored values.
-        C = _round_to(C, scale_dtype)
+        C = round_to(C, scale_dtype)
         for v0 in range(0, V, T):
             codes[s0:s0 + c, v0:v0 + T] = nearest(u[s0:s0 + chunk, v0:v0 + T], C)
         books[s0:s0 + c] = C

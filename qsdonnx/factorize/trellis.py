@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .packing import pack_bits
+from .linalg import round_to
 from .types import Factorization
 
 TRELLIS_BITS = 2  # bits per value (symbol width k)
@@ -153,9 +154,6 @@ def fit_lut(x: torch.Tensor, bits: int, window: int, iters: int, gen: torch.Gene
     return lut
 
 
-def _round_to(x: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    return x.to(getattr(torch, scale_dtype)).to(torch.float32)
-
 
 def trellis_quantize(W: np.ndarray, bits: int = TRELLIS_BITS, window: int = TRELLIS_WINDOW,
                      scale_dtype: str = "float16", seed: int = 0, iters: int = LUT_ITERS,
@@ -166,12 +164,12 @@ def trellis_quantize(W: np.ndarray, bits: int = TRELLIS_BITS, window: int = TREL
     if (D * bits) % 8:
         raise ValueError(f"rows of {D} {bits}-bit symbols do not fill whole bytes")
     rows = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))  # (V, D)
-    scales = _round_to(rows.pow(2).mean(1).sqrt(), scale_dtype)
+    scales = round_to(rows.pow(2).mean(1).sqrt(), scale_dtype)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     x = rows / scales[:, None]
     gen = torch.Generator().manual_seed(seed)
     train = torch.randperm(V, generator=gen)[:min(V, train_rows)].sort().values
-    lut = _round_to(fit_lut(x[train], bits, window, iters, gen), scale_dtype)
+    lut = round_to(fit_lut(x[train], bits, window, iters, gen), scale_dtype)
     states = _code(x, lut, bits, window)
     rebuilt = lut[states] * scales[:, None]
     e = exact_count(V) if exact is None else min(exact, V)
@@ -179,7 +177,7 @@ def trellis_quantize(W: np.ndarray, bits: int = TRELLIS_BITS, window: int = TREL
     worst = torch.argsort(rel, descending=True, stable=True)[:e].sort().values
     return TrellisTable(symbols=(states & ((1 << bits) - 1)).numpy().astype(np.uint8), lut=lut.numpy(),
                         scales=scales.numpy(), exact_rows=worst.numpy().astype(np.int64),
-                        exact_values=_round_to(rows[worst], scale_dtype).numpy(),
+                        exact_values=round_to(rows[worst], scale_dtype).numpy(),
                         bits=bits, window=window, scale_dtype=scale_dtype)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .gptq import upper_inverse_cholesky
+from .linalg import round_to
 from .types import Factorization, packed_nbytes
 
 VQ_DIM = 2
@@ -112,9 +113,6 @@ def vq_nbytes(K: int, N: int, dim: int, code_bits: int, group: int, scale_dtype:
             + np.dtype(order_dtype(K)).itemsize * K)
 
 
-def _round_to(x: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    return x.to(getattr(torch, scale_dtype)).to(x.dtype)
-
 
 def _nearest(x: torch.Tensor, C: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Index of each row's nearest centroid (``‖c‖² − 2·x·c``), in cache-sized chunks of rows."""
@@ -171,7 +169,7 @@ def vq_quantize(W: np.ndarray, H: Optional[np.ndarray], bits: int, group: int = 
     order = (torch.argsort(-torch.from_numpy(np.diag(H).copy()), stable=True) if use_h
              else torch.arange(K))
     X = Wt[order]
-    s = _round_to(X.pow(2).mean(0).sqrt(), scale_dtype)
+    s = round_to(X.pow(2).mean(0).sqrt(), scale_dtype)
     s = torch.where(s > 0, s, torch.ones_like(s))
     X = X / s
     gen = torch.Generator().manual_seed(seed)
@@ -188,7 +186,7 @@ def vq_quantize(W: np.ndarray, H: Optional[np.ndarray], bits: int, group: int = 
             w = importance[rows].reshape(-1, dim).mean(1)[:, None].expand(-1, N).reshape(-1).contiguous()
         else:
             w = torch.ones(vecs.shape[0], dtype=dt)
-        C = _round_to(weighted_kmeans(vecs.float(), w.float(), k, iters, gen).to(dt), scale_dtype)
+        C = round_to(weighted_kmeans(vecs.float(), w.float(), k, iters, gen).to(dt), scale_dtype)
         books[g0 // g] = C
         if not use_h:
             codes[g0 // dim:(g0 + g) // dim] = _nearest(vecs, C).reshape(g // dim, N)
