@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .packing import pack_bits
-from .linalg import round_to
+from .linalg import device, round_to, to_numpy, to_torch
 from .types import Factorization
 
 TRELLIS_BITS = 2  # bits per value (symbol width k)
@@ -113,17 +113,17 @@ def viterbi(x: torch.Tensor, lut: torch.Tensor, bits: int, window: int) -> torch
     L = bits * window
     S, P = 1 << L, 1 << bits
     R = S // P
-    cost = torch.full((B, S), float("inf"), dtype=x.dtype)
+    cost = torch.full((B, S), float("inf"), dtype=x.dtype, device=x.device)
     cost[:, :P] = (x[:, :1] - lut[None, :P]) ** 2
-    back = torch.empty((T, B, R), dtype=torch.uint8)
+    back = torch.empty((T, B, R), dtype=torch.uint8, device=x.device)
     for t in range(1, T):
         best, arg = cost.view(B, P, R).min(1)
         back[t] = arg
         # state s = prefix · 2^bits + symbol, with prefix = s >> bits
         cost = (x[:, t:t + 1] - lut[None, :]).square_().view(B, R, P).add_(best[:, :, None]).view(B, S)
     s = cost.argmin(1)
-    states = torch.empty((B, T), dtype=torch.int64)
-    rows = torch.arange(B)
+    states = torch.empty((B, T), dtype=torch.int64, device=x.device)
+    rows = torch.arange(B, device=x.device)
     for t in range(T - 1, -1, -1):
         states[:, t] = s
         if t:
@@ -133,9 +133,13 @@ def viterbi(x: torch.Tensor, lut: torch.Tensor, bits: int, window: int) -> torch
 
 
 def _code(x: torch.Tensor, lut: torch.Tensor, bits: int, window: int) -> torch.Tensor:
-    """:func:`viterbi` over chunks of rows, each holding at most 64 MiB of back pointers."""
+    """:func:`viterbi` over chunks of rows, each holding at most 64 MiB of back pointers on the
+    CPU (chunks of 16–256 rows), 1 GiB on a GPU (whose many cores want many rows at once)."""
     per_row = x.shape[1] << (bits * (window - 1))
-    chunk = max(16, min(256, (64 << 20) // per_row))
+    if x.device.type == "cpu":
+        chunk = max(16, min(256, (64 << 20) // per_row))
+    else:
+        chunk = max(16, (1 << 30) // per_row)
     return torch.cat([viterbi(x[i:i + chunk], lut, bits, window) for i in range(0, x.shape[0], chunk)])
 
 
@@ -145,11 +149,11 @@ def fit_lut(x: torch.Tensor, bits: int, window: int, iters: int, gen: torch.Gene
     every used entry to the mean of the values coded to it, so the squared error never rises."""
     S = 1 << (bits * window)
     q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(S, dtype=torch.float64) + 0.5) / S)
-    lut = (q[torch.randperm(S, generator=gen)] * x.pow(2).mean().sqrt()).to(x.dtype)
+    lut = (q[torch.randperm(S, generator=gen)].to(x.device) * x.pow(2).mean().sqrt()).to(x.dtype)
     for _ in range(iters):
         st = _code(x, lut, bits, window).reshape(-1)
-        n = torch.zeros(S, dtype=x.dtype).index_add_(0, st, torch.ones_like(x).reshape(-1))
-        total = torch.zeros(S, dtype=x.dtype).index_add_(0, st, x.reshape(-1))
+        n = torch.zeros(S, dtype=x.dtype, device=x.device).index_add_(0, st, torch.ones_like(x).reshape(-1))
+        total = torch.zeros(S, dtype=x.dtype, device=x.device).index_add_(0, st, x.reshape(-1))
         lut = torch.where(n > 0, total / n.clamp_min(1), lut)
     return lut
 
@@ -163,21 +167,22 @@ def trellis_quantize(W: np.ndarray, bits: int = TRELLIS_BITS, window: int = TREL
     D, V = W.shape
     if (D * bits) % 8:
         raise ValueError(f"rows of {D} {bits}-bit symbols do not fill whole bytes")
-    rows = torch.from_numpy(np.ascontiguousarray(W.T, dtype=np.float32))  # (V, D)
+    rows = to_torch(W.T, device())  # (V, D), on the GPU when there is one
     scales = round_to(rows.pow(2).mean(1).sqrt(), scale_dtype)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     x = rows / scales[:, None]
     gen = torch.Generator().manual_seed(seed)
-    train = torch.randperm(V, generator=gen)[:min(V, train_rows)].sort().values
+    train = torch.randperm(V, generator=gen)[:min(V, train_rows)].sort().values.to(rows.device)
     lut = round_to(fit_lut(x[train], bits, window, iters, gen), scale_dtype)
     states = _code(x, lut, bits, window)
     rebuilt = lut[states] * scales[:, None]
     e = exact_count(V) if exact is None else min(exact, V)
     rel = (rebuilt - rows).norm(dim=1) / rows.norm(dim=1).clamp_min(1e-30)
     worst = torch.argsort(rel, descending=True, stable=True)[:e].sort().values
-    return TrellisTable(symbols=(states & ((1 << bits) - 1)).numpy().astype(np.uint8), lut=lut.numpy(),
-                        scales=scales.numpy(), exact_rows=worst.numpy().astype(np.int64),
-                        exact_values=round_to(rows[worst], scale_dtype).numpy(),
+    return TrellisTable(symbols=(states & ((1 << bits) - 1)).cpu().numpy().astype(np.uint8),
+                        lut=to_numpy(lut), scales=to_numpy(scales),
+                        exact_rows=worst.cpu().numpy().astype(np.int64),
+                        exact_values=to_numpy(round_to(rows[worst], scale_dtype)),
                         bits=bits, window=window, scale_dtype=scale_dtype)
 
 
