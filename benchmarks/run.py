@@ -153,8 +153,9 @@ def write_calibration(name: str, model_path: Path, out_dir: Path) -> Path:
 
 
 def _plain(method: str) -> dict:
-    """Plain round-to-nearest stays plain: no end-to-end tuning (the data-aware methods tune)."""
-    return {"tune_epochs": 0} if method == "rtn" else {}
+    """Plain round-to-nearest stays plain: no end-to-end tuning and no rotated inputs (the
+    data-aware methods have both)."""
+    return {"tune_epochs": 0, "rotate": False} if method == "rtn" else {}
 
 
 def qsdonnx_specs(args) -> list[dict]:
@@ -177,6 +178,9 @@ def qsdonnx_specs(args) -> list[dict]:
                 specs.append({"label": f"qsdonnx auto {b:.1f}bpw untuned", "method": "auto untuned",
                               "format": "qdq", "budget": b, "calib": True,
                               "options": {"method": method, "bits_per_weight": b, "tune_epochs": 0}})
+                specs.append({"label": f"qsdonnx auto {b:.1f}bpw unrotated", "method": "auto unrotated",
+                              "format": "qdq", "budget": b, "calib": True,
+                              "options": {"method": method, "bits_per_weight": b, "rotate": False}})
     if not args.skip_latency:
         from qsdonnx.buildops import find_ops_library
 
@@ -191,6 +195,16 @@ def qsdonnx_specs(args) -> list[dict]:
                 if fmt == "fused" and not have_ops:
                     spec["unavailable"] = "custom-op library not built (run `qsdonnx build-ops`)"
                 specs.append(spec)
+            if _plain(method).get("rotate") is False:
+                continue
+            # What the rotated inputs cost at run time, side by side.
+            spec = {"label": f"qsdonnx {method} {FORMAT_BUDGET:.1f}bpw fused unrotated", "method": f"{method} unrotated",
+                    "format": "fused", "budget": FORMAT_BUDGET, "calib": True,
+                    "options": {"method": method, "bits_per_weight": FORMAT_BUDGET, "format": "fused",
+                                "rotate": False}}
+            if not have_ops:
+                spec["unavailable"] = "custom-op library not built (run `qsdonnx build-ops`)"
+            specs.append(spec)
     return specs
 
 

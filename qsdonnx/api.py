@@ -90,6 +90,9 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     if cfg.calib is not None or cfg.method in DATA_AWARE_METHODS + ("auto",):
         from .passes.calibrate import CalibratePass
         CalibratePass()(ctx)
+        if cfg.rotate:
+            from .passes.rotate import RotateInputsPass
+            RotateInputsPass()(ctx)
     planner = GlobalPlanPass() if (cfg.method == "auto" or cfg.bits_per_weight is not None) else PlanPass()
     for p in (planner, FactorizeWeightsPass()):
         p(ctx)

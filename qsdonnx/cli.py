@@ -65,6 +65,11 @@ def cli(verbose: int) -> None:
               help="rtn: use each block's min/max range instead of the MSE-best clipped range.")
 @click.option("--no-sensitivity", is_flag=True,
               help="Plan on per-layer errors alone, without measuring each weight's end-to-end effect.")
+@click.option("--rotate/--no-rotate", default=True, show_default=True,
+              help="With calibration: layers read their input rotated in blocks (one random orthogonal "
+                   "block, stored once) and hold the weight rotated back, which spreads outliers before "
+                   "quantizing. Adds a small rotation per rotated input at run time.")
+@click.option("--rotate-block", type=int, default=32, show_default=True, help="Order of the rotation block.")
 @click.option("--calib", type=click.Path(exists=False, path_type=Path), default=None,
               help="Calibration data: .npz named after graph inputs (first axis = samples) or a directory of them.")
 @click.option("--calib-batch", type=int, default=8, show_default=True, help="Samples per calibration run.")
@@ -93,7 +98,7 @@ def cli(verbose: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="Print only the totals.")
 def optimize(model, output, method, bits, block_size, symmetric, scale_dtype, rank, sparsity, bits_per_weight, fmt,
-             exclude, overrides, min_elements, no_embeddings, no_clip_search, no_sensitivity, calib, calib_batch, calib_samples, calib_mask,
+             exclude, overrides, min_elements, no_embeddings, no_clip_search, no_sensitivity, rotate, rotate_block, calib, calib_batch, calib_samples, calib_mask,
              tune_epochs, inputs, input_shapes, num_inputs, max_rel_error, keep_on_fail, no_validate, accuracy_level, report_path,
              seed, quiet) -> None:
     """Compress MODEL and write the result to --output."""
@@ -102,7 +107,8 @@ def optimize(model, output, method, bits, block_size, symmetric, scale_dtype, ra
             method=method, bits=int(bits), block_size=block_size, symmetric=symmetric,
             scale_dtype=scale_dtype, rank=rank, sparsity=sparsity, bits_per_weight=bits_per_weight, format=fmt,
             exclude=tuple(exclude), overrides=tuple(parse_override(o) for o in overrides),
-            min_elements=min_elements, compress_embeddings=not no_embeddings, clip_search=not no_clip_search, sensitivity=not no_sensitivity, calib=calib,
+            min_elements=min_elements, compress_embeddings=not no_embeddings, clip_search=not no_clip_search, sensitivity=not no_sensitivity,
+            rotate=rotate, rotate_block=rotate_block, calib=calib,
             calib_batch=calib_batch, calib_samples=calib_samples, calib_mask=calib_mask, tune_epochs=tune_epochs,
             validate=not no_validate, inputs=inputs,
             input_shapes=tuple(parse_input_shape(s) for s in input_shapes), num_inputs=num_inputs,

@@ -64,6 +64,8 @@ class OptimizeConfig:
     sparsity: float = 0.0  # QSD: fraction of each factor column set to zero
     clip_search: bool = True  # RTN grids: MSE-best clipped range per block instead of min/max
     sensitivity: bool = True  # weight the planner's per-layer errors by measured end-to-end effect
+    rotate: bool = True  # rotate calibrated MatMul/Gemm inputs in blocks before quantizing (passes.rotate)
+    rotate_block: int = 32
     # calibration
     calib: Optional[Path] = None
     calib_batch: int = 8
@@ -89,6 +91,8 @@ class OptimizeConfig:
             raise ConfigError(f"--bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
         if self.block_size < 2:
             raise ConfigError(f"--block-size must be at least 2, got {self.block_size}")
+        if self.rotate_block < 2:
+            raise ConfigError(f"--rotate-block must be at least 2, got {self.rotate_block}")
         if self.scale_dtype not in ("float16", "float32"):
             raise ConfigError(f"scale dtype must be float16 or float32, got {self.scale_dtype!r}")
         if self.rank is not None and self.rank < 1:

@@ -33,6 +33,7 @@ class Report:
     timings: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
     tuning: dict = field(default_factory=dict)
+    rotation: dict = field(default_factory=dict)
 
     @classmethod
     def from_context(cls, ctx: Context, file_size_after: Optional[int]) -> "Report":
@@ -40,7 +41,8 @@ class Report:
         comp = [r for r in ctx.records if r.status == "compressed"]
         numel = sum(r.numel for r in comp)
         before = sum(r.bytes_before for r in comp)
-        after = sum(r.bytes_after for r in comp)
+        # The rotation that rotated layers read (passes.rotate) is stored once beside them.
+        after = sum(r.bytes_after for r in comp) + (ctx.rotation.get("bytes", 0) if comp else 0)
         totals = {
             "weights_found": len(ctx.records),
             "weights_compressed": len(comp),
@@ -57,12 +59,12 @@ class Report:
         cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ctx.config).items()}
         return cls(layers=layers, totals=totals, validation=ctx.validation, config=cfg,
                    timings={k: round(v, 3) for k, v in ctx.timings.items()},
-                   plan=ctx.plan_summary, tuning=ctx.tuning)
+                   plan=ctx.plan_summary, tuning=ctx.tuning, rotation=ctx.rotation)
 
     def to_dict(self) -> dict:
         return _clean({"layers": self.layers, "totals": self.totals, "validation": self.validation,
                        "config": self.config, "timings_s": self.timings, "plan": self.plan,
-                       "tuning": self.tuning})
+                       "tuning": self.tuning, "rotation": self.rotation})
 
     def write_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
@@ -92,6 +94,10 @@ class Report:
         if t.get("file_size_before") and t.get("file_size_after"):
             out.append(f"file size {_fmt_bytes(t['file_size_before'])} -> {_fmt_bytes(t['file_size_after'])} "
                        f"({100 * t['file_ratio']:.1f}% of the original)")
+        ro = self.rotation
+        if ro.get("layers"):
+            out.append(f"rotated inputs: {ro['layers']} layers read {ro['inputs']} inputs rotated in blocks of "
+                       f"{ro['block']} ({_fmt_bytes(ro['bytes'])} stored once, counted above)")
         tu = self.tuning
         if tu.get("skipped"):
             out.append(f"end-to-end tuning skipped: {tu['skipped']}")

@@ -79,6 +79,7 @@ class Context:
     notes: list[str] = field(default_factory=list)
     plan_summary: dict = field(default_factory=dict)  # budget, spend and choices of the planner
     tuning: dict = field(default_factory=dict)  # what end-to-end tuning did (passes.tune)
+    rotation: dict = field(default_factory=dict)  # inputs rotated before quantization (passes.rotate)
     lifted: set = field(default_factory=set)  # weights that were Constant nodes
     external: set = field(default_factory=set)  # weights that were in external data
 

@@ -437,7 +437,7 @@ class GlobalPlanPass(Pass):
         else:
             budget = sum(LayerChoice("rtn", cfg.bits, effective_block(cfg.block_size, r.matrix_shape[0]))
                          .nbytes(*r.matrix_shape, cfg) for r in kept)
-        cheapest = sum(min(c.nbytes for c in cands) for cands in options)
+        cheapest = sum(min(c.nbytes for c in cands) for cands in options) + ctx.rotation.get("bytes", 0)
         if cheapest > budget:
             raise ConfigError(f"--bits-per-weight {cfg.bits_per_weight} is below the cheapest plan "
                               f"({8.0 * cheapest / self.numel:.3f} bits per weight)")
@@ -453,15 +453,18 @@ class GlobalPlanPass(Pass):
         """Picks one candidate per layer within ``budget`` bytes (candidates already computed)."""
         from ..factorize.planner import plan_allocation
 
-        picks = plan_allocation(self.options, budget)
+        # The input rotation (passes.rotate) is stored once beside the weights.
+        rotation = ctx.rotation.get("bytes", 0)
+        budget_left = budget - rotation
+        picks = plan_allocation(self.options, budget_left)
         # Stream-coded weights share a few decoding constants (a few hundred bytes per model):
         # when they do not fit beside the plan, plan again with room for those of every width
         # any candidate uses.
         widths = set().union(*(cands[i].payload[0].stream_bits() for cands, i in zip(self.options, picks)))
-        if sum(cands[i].nbytes for cands, i in zip(self.options, picks)) + shared_decode_bytes(widths) > budget:
+        if sum(cands[i].nbytes for cands, i in zip(self.options, picks)) + shared_decode_bytes(widths) > budget_left:
             every = set().union(*(c.payload[0].stream_bits() for cands in self.options for c in cands))
-            picks = plan_allocation(self.options, budget - shared_decode_bytes(every))
-        spent = 0
+            picks = plan_allocation(self.options, budget_left - shared_decode_bytes(every))
+        spent = rotation
         choices = {}
         for rec, cands, i in zip(self.kept, self.options, picks):
             c = cands[i]
