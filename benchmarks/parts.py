@@ -53,7 +53,7 @@ def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
 
 
-def run(method: str, bits: int, table: str, tune_epochs: int, work: Path) -> list[dict]:
+def run(method: str, bits: int, table: str, tune_epochs: int, work: Path, rotate: bool = True) -> list[dict]:
     from models import minilm
     from qsdonnx.api import optimize
     from qsdonnx.config import parse_override
@@ -69,7 +69,7 @@ def run(method: str, bits: int, table: str, tune_epochs: int, work: Path) -> lis
     for part, pattern in PARTS.items():
         out = work / "part.onnx"
         t0 = time.perf_counter()
-        res = optimize(src, out, calib=str(calib), method=method, bits=bits, tune_epochs=tune_epochs,
+        res = optimize(src, out, calib=str(calib), method=method, bits=bits, tune_epochs=tune_epochs, rotate=rotate,
                        overrides=tuple(parse_override(o) for o in overrides(pattern, table)), progress=False,
                        validate=False, input_shapes=(("input_ids", (1, 64)), ("attention_mask", (1, 64))))
         c = cosines(ref, minilm.embed(session(str(out)), feeds))
@@ -105,19 +105,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="setting of the word-embedding table (default trellis:2; pq:2 for 4-value product codes)")
     ap.add_argument("--tune-epochs", type=int, default=0,
                     help="end-to-end tuning epochs (default 0: each part as its algorithm left it)")
+    ap.add_argument("--no-rotate", action="store_true", help="linear layers read their inputs unrotated")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where parts.md and parts.json go")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where compiled models go")
     args = ap.parse_args(argv)
-    rows = run(args.method, args.bits, args.table, args.tune_epochs, args.work)
+    rows = run(args.method, args.bits, args.table, args.tune_epochs, args.work, rotate=not args.no_rotate)
     command = "python -m benchmarks.parts " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     text = (f"MiniLM, linear layers `--method {args.method} --bits {args.bits}`, table `{args.table}`, "
-            f"`--tune-epochs {args.tune_epochs}`, one part "
+            f"`--tune-epochs {args.tune_epochs}`{', `--no-rotate`' if args.no_rotate else ''}, one part "
             f"compressed at a time; held-out sentence-embedding cosine against the original.\n\n"
             f"{table(rows)}\n\nCommand: `{command.strip()}`, {_dt.date.today().isoformat()}.\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "parts.md").write_text(text)
     (args.out / "parts.json").write_text(json.dumps({"command": command.strip(), "method": args.method,
                                                       "bits": args.bits, "table": args.table, "tune_epochs": args.tune_epochs,
+                                                      "rotate": not args.no_rotate,
                                                       "rows": rows}, indent=1))
     print(text)
     return 0
