@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-ROTATION_BLOCK = 32
-
-
 def random_orthogonal(b: int, seed: int = 0) -> np.ndarray:
     """A random orthogonal ``(b, b)`` float32 matrix, uniform over the orthogonal group (QR of
     a Gaussian matrix with the signs of ``R``'s diagonal moved into ``Q``)."""
@@ -37,8 +34,8 @@ def rotate_weight(W: np.ndarray, Q: np.ndarray) -> np.ndarray:
     """``Rᵀ·W`` for ``W (K, N)`` and ``R = diag(Q, …, Q)``."""
     K, N = W.shape
     b = Q.shape[0]
-    Wb = W.astype(np.float64).reshape(K // b, b, N)
-    return np.einsum("ji,kjn->kin", Q.astype(np.float64), Wb).reshape(K, N).astype(W.dtype)
+    q = Q.astype(np.float64)
+    return (q.T @ W.astype(np.float64).reshape(K // b, b, N)).reshape(K, N).astype(W.dtype)
 
 
 def rotate_input(X: np.ndarray, Q: np.ndarray) -> np.ndarray:
@@ -53,6 +50,6 @@ def rotate_second_moment(H: np.ndarray, Q: np.ndarray) -> np.ndarray:
     K = H.shape[0]
     b = Q.shape[0]
     q = Q.astype(np.float64)
-    Hb = H.astype(np.float64).reshape(K // b, b, K // b, b)
-    out = np.einsum("ai,kalb,bj->kilj", q, Hb, q).reshape(K, K)
+    left = (q.T @ H.astype(np.float64).reshape(K // b, b, K)).reshape(K, K)  # Rᵀ·H, block rows
+    out = (left.reshape(K, K // b, b) @ q).reshape(K, K)  # ·R, block columns
     return ((out + out.T) / 2).astype(H.dtype)

@@ -57,7 +57,9 @@ class RotateInputsPass(Pass):
         nodes = {node_key(n): n for n in ctx.model.graph.node}
         by_input: dict[str, list[WeightRecord]] = defaultdict(list)
         for rec in ctx.candidates():
-            if _eligible(rec, ctx, nodes):
+            why_not = _eligible(rec, ctx, nodes)
+            if why_not:
+                rec.extra["not_rotated"] = why_not
                 continue
             inputs = {nodes[k].input[0] for k in rec.nodes}
             for x in inputs:
