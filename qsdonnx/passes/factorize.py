@@ -293,17 +293,17 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
     if rec.view == "embedding":
         blocks = [b for b in blocks if K % b == 0] or [K]
     quant = "gptq" if has_h else "rtn"
-    pq = []
+    tables = []  # product and trellis codes of a Gather table
     if rec.view == "embedding" and method in ("auto", "pq", "vq"):  # vq: tables get sub-vector codes too
-        pq = [LayerChoice("pq", b, PQ_SUB_DIMS[b]) for b in PLAN_PQ_BITS
+        tables = [LayerChoice("pq", b, PQ_SUB_DIMS[b]) for b in PLAN_PQ_BITS
               if pq_applicable(K, N, PQ_SUB_DIMS[b])]
-        if method == "pq" and pq:
-            return pq
+        if method == "pq" and tables:
+            return tables
     if (rec.view == "embedding" and trellis_applicable(K, N)
             and (method == "trellis" or (method in ("auto", "vq") and K * N <= PLAN_TRELLIS_MAX_VALUES))):
-        pq.append(LayerChoice("trellis", TRELLIS_BITS, 0))
+        tables.append(LayerChoice("trellis", TRELLIS_BITS, 0))
         if method == "trellis":
-            return pq
+            return tables
     if method in ("pq", "trellis"):  # not a table, or one too small for codes
         method = "rtn"
     vq = []
@@ -319,7 +319,7 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
         m = method if method in ("rtn", "gptq") and has_h else "rtn"
         if method == "auto" and rec.view not in QUANT_ONLY_VIEWS:
             m = quant
-        return [LayerChoice(m, b, blk) for b in PLAN_BITS for blk in blocks] + pq + vq
+        return [LayerChoice(m, b, blk) for b in PLAN_BITS for blk in blocks] + tables + vq
     out: list[LayerChoice] = []
     if method == "auto":
         out += [LayerChoice(quant, b, blk) for b in PLAN_BITS for blk in blocks]

@@ -68,13 +68,11 @@ class RotateInputsPass(Pass):
             return "no layer to rotate"
         Q = random_orthogonal(b, ctx.config.seed)
         edit = GraphEdit(ctx.model)
-        before = edit.new_initializer_bytes()
         q_name = edit.add_initializer(numpy_helper.from_array(Q, "qsd.rotation"))
         flat = edit.shared_const(f"rotation_flat{b}", [-1, b], "int64")
-        order = {node_key(n): i for i, n in enumerate(ctx.model.graph.node)}
         rotated: dict[str, WeightRecord] = {}
         for x, recs in by_input.items():
-            consumers = sorted({k for r in recs for k in r.nodes if nodes[k].input[0] == x}, key=order.get)
+            consumers = sorted({k for r in recs for k in r.nodes if nodes[k].input[0] == x}, key=edit.index.get)
             tag = f"{x}.qsd.rotate"
             shape = edit.node("Shape", [x], f"{tag}.shape")
             rows = edit.node("Reshape", [x, flat], f"{tag}.rows")
@@ -104,5 +102,5 @@ class RotateInputsPass(Pass):
             rec.extra["rotation_block"] = b
         edit.commit()
         ctx.rotation = {"block": b, "inputs": len(by_input), "layers": len(rotated),
-                        "bytes": edit.new_initializer_bytes() - before}
+                        "bytes": edit.new_initializer_bytes()}
         return f"{len(rotated)} layers read {len(by_input)} inputs rotated in blocks of {b}"
