@@ -123,7 +123,7 @@ def _layer_row(r: WeightRecord) -> dict:
         "name": r.name, "op": r.op, "nodes": r.nodes, "shape": list(r.shape), "dtype": r.dtype,
         "location": r.location, "view": r.view, "matrix_shape": list(r.matrix_shape),
         "status": r.status, "reason": r.reason, "method": r.method, "bits": r.bits,
-        "block_size": r.block_size, "rank": r.rank, "bpw": r.bpw, "bytes_before": r.bytes_before,
+        "block_size": r.block_size, "rank": r.rank, "atoms": r.atoms, "bpw": r.bpw, "bytes_before": r.bytes_before,
         "bytes_after": r.bytes_after, "rel_error": r.rel_error, "predicted_error": r.predicted_error,
         **{k: v for k, v in r.extra.items() if k != "attrs_key"},
     }

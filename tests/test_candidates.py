@@ -26,6 +26,9 @@ def test_fixed_quantizers_offer_only_their_own_grids():
     for method in ("gptq", "rtn"):
         cands = candidate_choices(_rec(), OptimizeConfig(method=method, bits_per_weight=3.0), True)
         assert {c.method for c in cands} == {method} and all(c.rank == 0 for c in cands)
-    # qsd and lplr stay low-rank: they have no quantized backbone to fall back on.
+    # qsd offers its low-rank forms and its sub-vector forms (rank 0, a dictionary), and no
+    # other method's grid.
     cands = candidate_choices(_rec(), OptimizeConfig(method="qsd", bits_per_weight=3.0), True)
-    assert {c.method for c in cands} == {"qsd"} and all(c.rank > 0 for c in cands)
+    assert {c.method for c in cands} == {"qsd"} and all((c.rank > 0) != (c.atoms > 0) for c in cands)
+    cands = candidate_choices(_rec(), OptimizeConfig(method="lplr", bits_per_weight=3.0), True)
+    assert {c.method for c in cands} == {"lplr"} and all(c.rank > 0 for c in cands)

@@ -2,8 +2,8 @@
 
 A factorization's codes (integer grid codes, codebook indices, sparse positions, visiting
 orders) are fixed once chosen; what stays continuous is stored in float form and costs the
-same bytes whatever its value: block scales, column scales, codebook entries, unquantized
-factor and sparse values.  :class:`TunableFactorization` rebuilds ``Ŵ`` from those as a
+same bytes whatever its value: block scales, column scales, codebook entries, dictionary
+atoms, unquantized factor and sparse values.  :class:`TunableFactorization` rebuilds ``Ŵ`` from those as a
 differentiable function, so that they can be fitted to the model's end-to-end output (the
 final stage of AQLM, Egiazarian et al., arXiv 2401.06118, and of QuIP#, Tseng et al.,
 arXiv 2402.04396, which fine-tune codebooks and scales with the codes frozen), and writes the
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .types import DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix
+from .qsd_dictionary import DictionaryMatrix
 from .vq import VectorQuantizedMatrix
 
 
@@ -89,6 +90,23 @@ def _vq_part(m: VectorQuantizedMatrix):
     return [books.delta, cols.delta], weight, result
 
 
+def _dictionary_part(m: DictionaryMatrix):
+    keep, P, N = m.index.shape
+    index = torch.from_numpy(m.index.astype(np.int64))
+    coefs = torch.from_numpy(m.coefs.astype(np.float32))[..., None]
+    atoms = Relative(m.dictionary, "value")
+    cols = Relative(m.col_scales, "scale")
+
+    def weight() -> torch.Tensor:
+        vec = (coefs * atoms.value()[index]).sum(0)  # (P, N, dim)
+        return vec.permute(0, 2, 1).reshape(P * m.dim, N) * cols.value()[None, :]
+
+    def result() -> DictionaryMatrix:
+        return replace(m, dictionary=atoms.result(m.scale_dtype), col_scales=cols.result(m.scale_dtype))
+
+    return [atoms.delta, cols.delta], weight, result
+
+
 def _dense_part(m: DenseMatrix):
     v = Relative(m.dequantize(), "value")
     return [v.delta], v.value, lambda: replace(m, values=v.result(m.dtype))
@@ -125,6 +143,7 @@ def _sparse_part(m: SparseMatrix):
 
 
 _PARTS: dict[type, Callable] = {QuantizedMatrix: _grid_part, VectorQuantizedMatrix: _vq_part,
+                                DictionaryMatrix: _dictionary_part,
                                 DenseMatrix: _dense_part, SparseQuantizedMatrix: _sparse_factor_part,
                                 SparseMatrix: _sparse_part}
 

@@ -39,6 +39,7 @@ class WeightRecord:
     bits: int = 0
     block_size: int = 0
     rank: int = 0
+    atoms: int = 0  # QSD sub-vector form: dictionary atoms (block_size is then the vector length)
     # filled by factorization / lowering
     bytes_before: int = 0
     bytes_after: int = 0

@@ -22,7 +22,11 @@ MS_DOMAIN = "com.microsoft"
 def nbits_unsupported(m) -> str:
     """Why ``m`` cannot be a MatMulNBits weight, or '' if it can."""
     if not isinstance(m, QuantizedMatrix):
-        return "sparse factor" if hasattr(m, "indices") else "dense factor"
+        if hasattr(m, "indices"):
+            return "sparse factor"
+        if hasattr(m, "codebooks") or hasattr(m, "dictionary"):
+            return "codebook codes"
+        return "dense factor"
     bs = m.block_size
     if bs < 16 or bs & (bs - 1):
         return f"block {bs} is not a power of two >= 16"

@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 from ..factorize.packing import pack_bits, pack_stream, unpack_bits
 from ..factorize.pq import ProductQuantizedMatrix
 from ..factorize.trellis import TrellisTable
+from ..factorize.qsd_dictionary import DictionaryMatrix, index_bits
 from ..factorize.vq import VectorQuantizedMatrix, order_dtype
 from ..factorize.types import (DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix,
                                container_width)
@@ -76,8 +77,8 @@ class QdqEmitter:
         elif isinstance(m, DenseMatrix):
             v = m.values.T if transpose else m.values
             out = self.edit.add_initializer(float_tensor(f"{self.base}.{part}", v, self.dtype))
-        elif isinstance(m, VectorQuantizedMatrix):
-            out = self.vq_weight(part, m)
+        elif isinstance(m, (VectorQuantizedMatrix, DictionaryMatrix)):
+            out = self.vq_weight(part, m) if isinstance(m, VectorQuantizedMatrix) else self.dictionary_weight(part, m)
             if transpose:
                 out = self._n("Transpose", [out], f"{part}_t", perm=[1, 0])
         else:
@@ -149,6 +150,40 @@ class QdqEmitter:
         inv = self.edit.add_initializer(numpy_helper.from_array(inverse, f"{self.base}.{part}_inverse_order"))
         return self._n("Gather", [w, self._n("Cast", [inv], f"{part}_inverse_i32", to=onnx.TensorProto.INT32)],
                        f"{part}_rows_in_place", axis=0)
+
+    def dictionary_weight(self, part: str, m: DictionaryMatrix) -> str:
+        """``(K, N)`` float weight of QSD sub-vector codes: the atom indices, held as
+        ``(keep, P, N)``, gather their atoms to ``(keep, P, N, dim)``; the signed coefficients
+        (a stream offset by ``2^(b-1)``) multiply them, the ``keep`` terms are summed, and a
+        transpose to ``(P, dim, N)`` and a flatten give the rows, which the column scales
+        multiply.  All inputs are constants: ONNX Runtime folds the decoding into one float
+        weight when it creates the session."""
+        ib = index_bits(m.atoms)
+        idx = (self.narrow_codes(f"{part}_index", m.index, ib) if ib < 8 else
+               self.edit.add_initializer(numpy_helper.from_array(m.index.astype(np.uint8), f"{self.base}.{part}_index")))
+        cb = m.coef_bits
+        offset = 1 << (cb - 1)
+        u = (m.coefs.astype(np.int16) + offset).astype(np.uint8)
+        coef = (self.narrow_codes(f"{part}_coef", u, cb) if cb < 8 else
+                self.edit.add_initializer(numpy_helper.from_array(u, f"{self.base}.{part}_coef")))
+        coef = self._n("Sub", [self._n("Cast", [coef], f"{part}_coef_int8", to=onnx.TensorProto.INT8),
+                               self.edit.shared_const(f"code_offset{cb}", np.array(offset), "int8")], f"{part}_coef_signed")
+        coef = self._n("Unsqueeze", [self._n("Cast", [coef], f"{part}_coef_float", to=self.onnx_dtype),
+                                     self.edit.shared_const("axes_last", [-1], "int64")], f"{part}_coef_unsq")
+        atoms, scales = (self.edit.add_initializer(float_tensor(f"{self.base}.{part}_{label}", v, m.scale_dtype))
+                         for label, v in (("dictionary", m.dictionary), ("col_scale", m.col_scales)))
+        if m.scale_dtype != self.dtype:  # cast the small tensors, not the weight
+            atoms, scales = (self._n("Cast", [t], f"{part}_{label}_cast", to=self.onnx_dtype)
+                             for label, t in (("dictionary", atoms), ("col_scale", scales)))
+        vec = self._n("Mul", [self._n("Gather", [atoms, self._n("Cast", [idx], f"{part}_index_i32", to=onnx.TensorProto.INT32)],
+                                      f"{part}_atoms", axis=0), coef], f"{part}_terms")  # (keep, P, N, dim)
+        if m.keep > 1:
+            vec = self._n("ReduceSum", [vec, self.edit.shared_const("axes_first", [0], "int64")], f"{part}_vectors",
+                          keepdims=1)
+        # (1, P, N, dim) -> (1, P, dim, N) -> (K, N)
+        rows = self._n("Flatten", [self._n("Transpose", [vec], f"{part}_vectors_t", perm=[0, 1, 3, 2])],
+                       f"{part}_rows", axis=3)
+        return self._n("Mul", [rows, scales], f"{part}_scaled")
 
     # -- codes of widths without an ONNX integer type (3, 5, 6, 7 bits) ------------------------
     def _n(self, op: str, inputs: list[str], label: str, **attrs) -> str:
@@ -448,7 +483,7 @@ def shared_decode_bytes(widths) -> int:
         edit.shared_const(f"code_offset{b}", np.array(1), "int8")
     for rank in (1, 2, 3):
         edit.shared_const(f"reshape_keep{rank}_join", [0] * rank + [-1], "int64")
-    for name in ("reshape_flat", "slice_start", "axes_last"):
+    for name in ("reshape_flat", "slice_start", "axes_last", "axes_first"):
         edit.shared_const(name, [0], "int64")
     return edit.new_initializer_bytes()
 

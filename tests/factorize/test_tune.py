@@ -9,6 +9,7 @@ from qsdonnx.factorize.caldera import caldera_factorize
 from qsdonnx.factorize.gptq import gptq_factorize
 from qsdonnx.factorize.pq import pq_factorize
 from qsdonnx.factorize.qsd import qsd_factorize
+from qsdonnx.factorize.qsd_dictionary import qsd_dictionary
 from qsdonnx.factorize.rtn import rtn_factorize
 from qsdonnx.factorize.svd import svd_factorize
 from qsdonnx.factorize.tune import tunable
@@ -37,6 +38,7 @@ CASES = {
     "caldera": lambda W, H: caldera_factorize(W, H, 8, 2, 4, 32, iters=2),
     "svd fp16 factors": lambda W, H: svd_factorize(W, 8, "float16"),
     "qsd sparse factors": lambda W, H: qsd_factorize(W, H, 8, 4, 16, sparsity=0.5, iters=20),
+    "qsd sub-vectors": lambda W, H: qsd_dictionary(W, H, 4, 32, 3, keep=2, rounds=1),
     "outlier term": lambda W, H: _outliers(W),
 }
 
@@ -62,7 +64,7 @@ def test_starts_at_the_stored_weight_and_writes_back_what_it_computes(case):
         assert (a is None) == (b is None)
         if a is None:
             continue
-        fixed = ["indices", "zero_points", "order", "rows", "cols"]
+        fixed = ["indices", "zero_points", "order", "rows", "cols", "index", "coefs"]
         if getattr(a, "bits", None) is not None or hasattr(a, "code_bits"):
             fixed.append("codes")  # integer codes (a sparse factor without bits holds float values there)
         for name in fixed:
