@@ -109,7 +109,7 @@ class LayerChoice:
 # bits), one stored entry per vector, so (log2(atoms) + coefficient bits) / length bits per
 # weight.  On MiniLM's layers at 3 bpw, 256 four-row shapes with 4-bit gains came within 1 % of
 # GPTQ's held-out error; two entries per vector (8 rows, 256 atoms, 4-bit coefficients) gave
-# 20-45 % more error than one.
+# 20-28 % more error than one.
 QSD_FORMS = {2.0: (4, 64, 2), 2.5: (4, 128, 3), 3.0: (4, 256, 4), 3.5: (2, 32, 2), 4.0: (2, 32, 3),
              4.5: (2, 64, 3), 5.0: (2, 128, 3), 6.0: (2, 256, 4)}
 
