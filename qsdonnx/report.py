@@ -75,7 +75,10 @@ class Report:
         for l in self.layers:
             if l["status"] != "compressed":
                 continue
-            rows.append([l["name"], l["op"], "x".join(map(str, l["shape"])), l["method"], str(l["rank"] or "-"),
+            method = l["method"]
+            if l.get("atoms"):  # QSD sub-vector codes: vector length × dictionary atoms
+                method += f" {l['block_size']}x{l['atoms']}"
+            rows.append([l["name"], l["op"], "x".join(map(str, l["shape"])), method, str(l["rank"] or "-"),
                          str(l["bits"] or "-"), _num(l["bpw"], ".2f"), _fmt_bytes(l["bytes_before"]),
                          _fmt_bytes(l["bytes_after"]), _num(l["rel_error"], ".4f")])
         out = [_table(head, rows)] if rows else ["no weights compressed"]

@@ -98,6 +98,9 @@ def test_candidates_under_method_qsd():
     for bpw, (dim, atoms, bits) in QSD_FORMS.items():
         c = next(c for c in cands if (c.block_size, c.atoms, c.bits) == (dim, atoms, bits))
         assert bpw < 8 * c.nbytes(384, 384, OptimizeConfig()) / 384 ** 2 < bpw + 0.2
+    # --sparsity asks for the low-rank form with sparse factors
+    sparse = candidate_choices(rec, OptimizeConfig(method="qsd", bits_per_weight=3.0, sparsity=0.5), True)
+    assert sparse and not any(c.atoms for c in sparse)
     # not offered by default, nor to Gather tables
     assert not any(c.atoms for c in candidate_choices(rec, OptimizeConfig(), True))
     table = WeightRecord(name="E", op="Gather", nodes=["g"], shape=(30522, 384), dtype="float32",

@@ -37,7 +37,7 @@ import torch
 
 from .gptq import upper_inverse_cholesky
 from .linalg import round_to
-from .types import Factorization, packed_nbytes
+from .types import Factorization, stream_nbytes
 from .vq import weighted_kmeans
 
 KMEANS_ITERS = 10
@@ -52,16 +52,6 @@ def coef_range(coef_bits: int) -> tuple[int, int]:
 def index_bits(atoms: int) -> int:
     """Bits of one atom index (``atoms`` is a power of two)."""
     return max(1, int(atoms - 1).bit_length())
-
-
-def stream_nbytes(count: int, bits: int, last: int) -> int:
-    """Bytes of ``count`` codes of a 3-axis array whose last axis is ``last``, stored as the
-    lowering stores them: 8-bit codes as they are; narrower ones as a stream of 8 codes per
-    ``bits`` bytes, whole along the last axis when it is a multiple of 8, otherwise flattened,
-    padded to a multiple of 8 codes, and trimmed and reshaped by two small constants."""
-    if bits == 8 or last % 8 == 0:
-        return packed_nbytes(count, bits)
-    return (count + 7) // 8 * bits + (8 if count % 8 else 0) + 3 * 8
 
 
 def qsd_dictionary_nbytes(K: int, N: int, dim: int, atoms: int, coef_bits: int, keep: int = 1,
@@ -152,8 +142,8 @@ def qsd_dictionary(W: np.ndarray, H: Optional[np.ndarray], dim: int, atoms: int,
     ``feedback=False`` is the planner's fast estimate: the k-means dictionary and codes by
     plain pursuit, one round, no dictionary fit.  ``info["objective"]`` lists the objective
     (relative to ``tr(WᵀHW)``) after each step."""
-    if not 1 <= coef_bits <= 8:
-        raise ValueError(f"coefficients take 1 to 8 bits, got {coef_bits}")
+    if not 1 <= coef_bits <= 7:
+        raise ValueError(f"coefficients take 1 to 7 bits, got {coef_bits}")
     if atoms < 1 or atoms & (atoms - 1) or atoms > 256:
         raise ValueError(f"atoms must be a power of two up to 256, got {atoms}")
     K, N = W.shape

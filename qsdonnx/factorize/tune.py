@@ -3,8 +3,8 @@
 A factorization's codes (integer grid codes, codebook indices, sparse positions, visiting
 orders) are fixed once chosen; what stays continuous is stored in float form and costs the
 same bytes whatever its value: block scales, column scales, codebook entries, dictionary
-atoms, unquantized factor and sparse values.  :class:`TunableFactorization` rebuilds ``Ŵ`` from those as a
-differentiable function, so that they can be fitted to the model's end-to-end output (the
+atoms, unquantized factor and sparse values.  :class:`TunableFactorization` rebuilds ``Ŵ``
+from those as a differentiable function, so that they can be fitted to the model's end-to-end output (the
 final stage of AQLM, Egiazarian et al., arXiv 2401.06118, and of QuIP#, Tseng et al.,
 arXiv 2402.04396, which fine-tune codebooks and scales with the codes frozen), and writes the
 fitted values back into a factorization of exactly the same size.

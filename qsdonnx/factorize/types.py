@@ -45,6 +45,17 @@ def packed_nbytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
+def stream_nbytes(count: int, bits: int, last: int) -> int:
+    """Bytes of ``count`` codes of a 3-axis array whose last axis is ``last``, stored as the
+    lowering stores them (``narrow_codes``): 8-bit codes as they are; narrower ones as a stream
+    of 8 codes per ``bits`` bytes, whole along the last axis when it is a multiple of 8,
+    otherwise flattened, padded to a multiple of 8 codes, and trimmed and reshaped by two small
+    constants (an int64 count, when padded, and the 3-axis shape)."""
+    if bits == 8 or last % 8 == 0:
+        return packed_nbytes(count, bits)
+    return (count + 7) // 8 * bits + (8 if count % 8 else 0) + 3 * 8
+
+
 @dataclass
 class QuantizedMatrix:
     """Block-wise quantized ``(K, N)`` matrix; see the module docstring."""

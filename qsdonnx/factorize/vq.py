@@ -32,7 +32,7 @@ import torch
 
 from .gptq import upper_inverse_cholesky
 from .linalg import round_to
-from .types import Factorization, packed_nbytes
+from .types import Factorization, stream_nbytes
 
 VQ_DIM = 2
 VQ_CODE_BITS = {2: 4, 3: 6, 4: 8}  # bits per weight -> bits per code (2-D vectors)
@@ -104,11 +104,7 @@ def vq_nbytes(K: int, N: int, dim: int, code_bits: int, group: int, scale_dtype:
     of 8 codes and trimmed and reshaped by two small constants (one int64, and the 3-axis shape)."""
     width = np.dtype(scale_dtype).itemsize
     G = K // group
-    n = (K // dim) * N
-    if code_bits == 8 or N % 8 == 0:
-        codes = packed_nbytes(n, code_bits)
-    else:
-        codes = (n + 7) // 8 * code_bits + (8 if n % 8 else 0) + 3 * 8
+    codes = stream_nbytes((K // dim) * N, code_bits, N)
     return (codes + G * (1 << code_bits) * dim * width + N * width
             + np.dtype(order_dtype(K)).itemsize * K)
 

@@ -383,7 +383,7 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
             if r >= 1:
                 found.add((qb, r))
     out = [LayerChoice(method, qb, blk, r) for qb, r in sorted(found)]
-    if method == "qsd" and rec.view in VQ_VIEWS and not (ov and ov.bits):
+    if method == "qsd" and rec.view in VQ_VIEWS and not (ov and ov.bits) and not cfg.sparsity and cfg.rank is None:
         out += [c for c in (qsd_dictionary_setting(K, N, b) for b in QSD_FORMS) if c is not None]
     if method == "caldera" and not (ov and ov.bits):
         # Rank 0 is CALDERA's backbone alone (LDLQ = GPTQ rounding): the planner keeps it for

@@ -110,5 +110,5 @@ def test_rejects_what_it_cannot_store():
         qsd_dictionary(W, H, dim=4, atoms=48, coef_bits=3)
     with pytest.raises(ValueError, match="cut into"):
         qsd_dictionary(W[:62], H[:62, :62], dim=4, atoms=16, coef_bits=3)
-    with pytest.raises(ValueError, match="1 to 8 bits"):
+    with pytest.raises(ValueError, match="1 to 7 bits"):
         qsd_dictionary(W, H, dim=4, atoms=16, coef_bits=0)
