@@ -393,19 +393,19 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
 
 
 def calibrate_dictionary_estimates(W: np.ndarray, H: Optional[np.ndarray], cands: list, cfg: OptimizeConfig,
-                                   energy: float, bpw_before: float) -> None:
+                                   energy: float) -> None:
     """Rescale the fast estimates of QSD's sub-vector forms by what error feedback does to them.
 
     The fast estimate (k-means dictionary, plain pursuit) leaves out the error feedback that
     the real fit uses, which on MiniLM's layers removes 30-75 % of the weighted error; the
     low-rank forms beside them are estimated far more closely.  One form per layer (the one
-    nearest the budget) is fitted with feedback for one round, and every sub-vector estimate
+    nearest the budget's bits per weight, else ``--bits``) is fitted with feedback for one round, and every sub-vector estimate
     of the layer is scaled by the ratio of the two errors.  (The sensitivity probes keep the
     unscaled pairs: each probe's reconstruction is the fast one.)"""
     dict_idx = [i for i, c in enumerate(cands) if c.payload[0].atoms]
     if not dict_idx:
         return
-    target = cfg.bits_per_weight if cfg.bits_per_weight is not None else bpw_before / 4.0
+    target = cfg.bits_per_weight if cfg.bits_per_weight is not None else float(cfg.bits)
     ref = min(dict_idx, key=lambda i: abs(8.0 * cands[i].nbytes / W.size - target))
     c = cands[ref].payload[0]
     if cands[ref].predicted_error <= 0:
@@ -464,8 +464,9 @@ class GlobalPlanPass(Pass):
                 if proxy is not None:
                     # The iterative methods cost seconds per setting; each setting's error is
                     # predicted from a fast method on the same grid and rank that it improves on
-                    # (GPTQ from round-to-nearest, vector codes from plain k-means codebooks, QSD
-                    # from LPLR), and only the chosen one is run.
+                    # (GPTQ from round-to-nearest, vector codes from plain k-means codebooks, QSD's
+                    # low-rank forms from LPLR, its sub-vector forms from a k-means dictionary,
+                    # rescaled below), and only the chosen one is run.
                     fitted = proxy == "caldera-fast"
                     est = run_choice(W, replace(choice, method=proxy), cfg, (H_fit if held_out else H) if fitted else None, rec.dtype)
                     dense_of.append(est.dense())
@@ -489,7 +490,7 @@ class GlobalPlanPass(Pass):
                 near = min(order, key=lambda i: abs(8.0 * cands[i].nbytes / rec.numel - cfg.bits_per_weight))
             picks = sorted({order[0], near})
             probes[rec.name] = [(dense_of[i], cands[i].predicted_error) for i in picks]
-            calibrate_dictionary_estimates(W, H, cands, cfg, energy, 8.0 * rec.bytes_before / rec.numel)
+            calibrate_dictionary_estimates(W, H, cands, cfg, energy)
             options.append(cands)
             kept.append(rec)
         if cfg.sensitivity and len(kept) > 1:
