@@ -52,6 +52,18 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = 13, ir_vers
     return model
 
 
+def conv3x3_model(O: int = 32, C: int = 32) -> onnx.ModelProto:
+    """One bias-free 3×3 Conv (pads 1) on a ``(1, C, 12, 12)`` input, weight ``W``.  No bias: a
+    bias would also absorb the mean output error (passes.bias), which the tests comparing
+    against a rebuilt weight do not model."""
+    W = np.random.default_rng(1).standard_normal((O, C, 3, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])], "conv",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, O, 12, 12])],
+                          [numpy_helper.from_array(W, "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save_model(model, str(path))
     return path

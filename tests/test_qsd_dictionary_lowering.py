@@ -20,6 +20,8 @@ from qsdonnx.passes.factorize import QSD_FORMS, candidate_choices
 from qsdonnx.passes.lower_qdq import QdqEmitter
 from qsdonnx.runtime import session
 
+from conftest import conv3x3_model as conv_model
+
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
 
@@ -106,15 +108,6 @@ def test_candidates_under_method_qsd():
     table = WeightRecord(name="E", op="Gather", nodes=["g"], shape=(30522, 384), dtype="float32",
                          location="initializer", view="embedding", matrix_shape=(384, 30522))
     assert not any(c.atoms for c in candidate_choices(table, OptimizeConfig(method="qsd", bits_per_weight=3.0), True))
-
-
-def conv_model(O=32, C=32) -> onnx.ModelProto:
-    W = np.random.default_rng(1).standard_normal((O, C, 3, 3)).astype(np.float32)
-    g = h.make_graph([h.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])], "conv",
-                     [h.make_tensor_value_info("x", T.FLOAT, [1, C, 12, 12])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1, O, 12, 12])],
-                     [nh.from_array(W, "W")])
-    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
 def matmul_model(K=128, N=48) -> onnx.ModelProto:

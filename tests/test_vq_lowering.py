@@ -20,6 +20,8 @@ from qsdonnx.passes.factorize import FactorizeWeightsPass, PlanPass
 from qsdonnx.passes.load import LiftConstantsPass, LoadPass
 from qsdonnx.runtime import session
 
+from conftest import conv3x3_model as conv_model
+
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
 
@@ -28,17 +30,6 @@ def matmul_model(K=128, N=40) -> onnx.ModelProto:
     g = h.make_graph([h.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "mm",
                      [h.make_tensor_value_info("x", T.FLOAT, ["n", K])],
                      [h.make_tensor_value_info("y", T.FLOAT, ["n", N])], [nh.from_array(W, "W")])
-    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
-
-
-def conv_model(O=32, C=32) -> onnx.ModelProto:
-    # No bias: a bias would also absorb the mean output error (passes.bias), which the
-    # reference below does not model.
-    W = np.random.default_rng(1).standard_normal((O, C, 3, 3)).astype(np.float32)
-    g = h.make_graph([h.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])], "conv",
-                     [h.make_tensor_value_info("x", T.FLOAT, [1, C, 12, 12])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1, O, 12, 12])],
-                     [nh.from_array(W, "W")])
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 

@@ -122,6 +122,16 @@ class QdqEmitter:
         self._cache[key] = out
         return out
 
+    def small_floats(self, part: str, dtype: str, **tensors: np.ndarray) -> list[str]:
+        """Initializers ``<weight>.qsd.<part>_<name>`` stored as ``dtype``, cast to the model's
+        float type when it differs (the small tensors are cast, not the weight they build)."""
+        names = [self.edit.add_initializer(float_tensor(f"{self.base}.{part}_{label}", v, dtype))
+                 for label, v in tensors.items()]
+        if dtype != self.dtype:
+            names = [self._n("Cast", [t], f"{part}_{label}_cast", to=self.onnx_dtype)
+                     for label, t in zip(tensors, names)]
+        return names
+
     def vq_weight(self, part: str, m: VectorQuantizedMatrix) -> str:
         """``(K, N)`` float weight of vector codes: the codes, held as ``(G, P, N)`` (G codebooks,
         P vectors of each group per column), look up their group's codebook with GatherND
@@ -137,11 +147,7 @@ class QdqEmitter:
             codes = self.edit.add_initializer(numpy_helper.from_array(u.astype(np.uint8), f"{self.base}.{part}_codes"))
         idx = self._n("Unsqueeze", [self._n("Cast", [codes], f"{part}_index", to=onnx.TensorProto.INT64),
                                     self.edit.shared_const("axes_last", [-1], "int64")], f"{part}_index_unsq")
-        books, scales = (self.edit.add_initializer(float_tensor(f"{self.base}.{part}_{label}", v, m.scale_dtype))
-                         for label, v in (("codebooks", m.codebooks), ("col_scale", m.col_scales)))
-        if m.scale_dtype != self.dtype:  # cast the small tensors, not the weight
-            books, scales = (self._n("Cast", [t], f"{part}_{label}_cast", to=self.onnx_dtype)
-                             for label, t in (("codebooks", books), ("col_scale", scales)))
+        books, scales = self.small_floats(part, m.scale_dtype, codebooks=m.codebooks, col_scale=m.col_scales)
         vec = self._n("GatherND", [books, idx], f"{part}_lookup", batch_dims=1)  # (G, P, N, dim)
         rows = self._n("Flatten", [self._n("Transpose", [vec], f"{part}_vectors_t", perm=[0, 1, 3, 2])],
                        f"{part}_rows", axis=3)  # (K, N) in visiting order
@@ -170,11 +176,7 @@ class QdqEmitter:
                                self.edit.shared_const(f"code_offset{cb}", np.array(offset), "int8")], f"{part}_coef_signed")
         coef = self._n("Unsqueeze", [self._n("Cast", [coef], f"{part}_coef_float", to=self.onnx_dtype),
                                      self.edit.shared_const("axes_last", [-1], "int64")], f"{part}_coef_unsq")
-        atoms, scales = (self.edit.add_initializer(float_tensor(f"{self.base}.{part}_{label}", v, m.scale_dtype))
-                         for label, v in (("dictionary", m.dictionary), ("col_scale", m.col_scales)))
-        if m.scale_dtype != self.dtype:  # cast the small tensors, not the weight
-            atoms, scales = (self._n("Cast", [t], f"{part}_{label}_cast", to=self.onnx_dtype)
-                             for label, t in (("dictionary", atoms), ("col_scale", scales)))
+        atoms, scales = self.small_floats(part, m.scale_dtype, dictionary=m.dictionary, col_scale=m.col_scales)
         vec = self._n("Mul", [self._n("Gather", [atoms, self._n("Cast", [idx], f"{part}_index_i32", to=onnx.TensorProto.INT32)],
                                       f"{part}_atoms", axis=0), coef], f"{part}_terms")  # (keep, P, N, dim)
         if m.keep > 1:
