@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import api
-from .config import BITS, FORMATS, METHODS, OptimizeConfig, parse_input_shape, parse_override
+from .config import BITS, FORMATS, LEVELS, METHODS, OptimizeConfig, parse_input_shape, parse_override
 from .errors import QsdError
 
 
@@ -42,6 +42,9 @@ def cli(verbose: int) -> None:
                    "the planner chooses per layer.")
 @click.option("--bits", type=click.Choice([str(b) for b in BITS]), default="4", show_default=True,
               help="Code width for quantized parts.")
+@click.option("--levels", type=click.Choice([str(v) for v in LEVELS]), default=None,
+              help="rtn/gptq: codes of 5, 6, 10 or 12 values instead of --bits, stored three to a word "
+                   "(2.33, 2.67, 3.33 or 3.67 bits a code) and widened to 4-bit codes when the model loads.")
 @click.option("--block-size", type=int, default=32, show_default=True,
               help="Values sharing one scale (along the reduction axis).")
 @click.option("--symmetric/--asymmetric", default=False, show_default=True,
@@ -97,14 +100,14 @@ def cli(verbose: int) -> None:
               help="Write the full report as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="Print only the totals.")
-def optimize(model, output, method, bits, block_size, symmetric, scale_dtype, rank, sparsity, bits_per_weight, fmt,
+def optimize(model, output, method, bits, levels, block_size, symmetric, scale_dtype, rank, sparsity, bits_per_weight, fmt,
              exclude, overrides, min_elements, no_embeddings, no_clip_search, no_sensitivity, rotate, rotate_block, calib, calib_batch, calib_samples, calib_mask,
              tune_epochs, inputs, input_shapes, num_inputs, max_rel_error, keep_on_fail, no_validate, accuracy_level, report_path,
              seed, quiet) -> None:
     """Compress MODEL and write the result to --output."""
     try:
         cfg = OptimizeConfig(
-            method=method, bits=int(bits), block_size=block_size, symmetric=symmetric,
+            method=method, bits=int(bits), levels=int(levels) if levels else None, block_size=block_size, symmetric=symmetric,
             scale_dtype=scale_dtype, rank=rank, sparsity=sparsity, bits_per_weight=bits_per_weight, format=fmt,
             exclude=tuple(exclude), overrides=tuple(parse_override(o) for o in overrides),
             min_elements=min_elements, compress_embeddings=not no_embeddings, clip_search=not no_clip_search, sensitivity=not no_sensitivity,

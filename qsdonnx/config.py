@@ -13,6 +13,8 @@ LOWRANK_METHODS = ("svd", "lplr", "caldera", "qsd")
 DATA_AWARE_METHODS = ("gptq", "caldera", "qsd", "vq")
 FORMATS = ("qdq", "nbits", "fused")
 BITS = (2, 3, 4, 8)
+LEVELS = (5, 6, 10, 12)  # code alphabets between the widths (factorize.types.LEVEL_WORDS)
+LEVEL_METHODS = ("rtn", "gptq", "auto")
 TUNE_EPOCHS = 4
 
 
@@ -25,6 +27,7 @@ class LayerOverride:
     bits: Optional[int] = None
     rank: Optional[int] = None
     block_size: Optional[int] = None
+    levels: Optional[int] = None
     skip: bool = False
 
     def __post_init__(self) -> None:
@@ -36,6 +39,8 @@ class LayerOverride:
             raise ConfigError(f"override method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.bits is not None and self.bits not in BITS:
             raise ConfigError(f"override bits {self.bits} is not one of {BITS}")
+        if self.levels is not None and self.levels not in LEVELS:
+            raise ConfigError(f"override levels {self.levels} is not one of {LEVELS}")
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"override rank must be >= 1, got {self.rank}")
         if self.block_size is not None and self.block_size < 2:
@@ -51,6 +56,7 @@ class OptimizeConfig:
 
     method: str = "auto"
     bits: int = 4
+    levels: Optional[int] = None  # codes of this many values, stored three to a word (replaces bits)
     block_size: int = 32
     symmetric: bool = False  # asymmetric (zero point per block) is the better use of bits at 4 bits and below
     scale_dtype: str = "float16"
@@ -89,6 +95,10 @@ class OptimizeConfig:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.bits not in BITS:
             raise ConfigError(f"--bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+        if self.levels is not None and self.levels not in LEVELS:
+            raise ConfigError(f"--levels must be one of {', '.join(map(str, LEVELS))}, got {self.levels}")
+        if self.levels is not None and self.method not in LEVEL_METHODS:
+            raise ConfigError(f"--levels applies to --method {', '.join(LEVEL_METHODS)}, not {self.method}")
         if self.block_size < 2:
             raise ConfigError(f"--block-size must be at least 2, got {self.block_size}")
         if self.rotate_block < 2:
@@ -157,7 +167,7 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def parse_override(text: str) -> LayerOverride:
-    """``REGEX:key=value,key=value`` (keys: method, bits, rank, block, skip)."""
+    """``REGEX:key=value,key=value`` (keys: method, bits, levels, rank, block, skip)."""
     pattern, sep, body = text.rpartition(":")
     if not sep or not pattern:
         raise ConfigError(f"--override expects REGEX:key=value,..., got {text!r}")
@@ -169,6 +179,8 @@ def parse_override(text: str) -> LayerOverride:
                 fields["method"] = value
             elif key == "bits" and eq:
                 fields["bits"] = int(value)
+            elif key == "levels" and eq:
+                fields["levels"] = int(value)
             elif key == "rank" and eq:
                 fields["rank"] = int(value)
             elif key in ("block", "block_size") and eq:
@@ -176,7 +188,7 @@ def parse_override(text: str) -> LayerOverride:
             elif key == "skip" and not eq:
                 fields["skip"] = True
             else:
-                raise ConfigError(f"--override: unknown setting {item!r} (use method=, bits=, rank=, block=, skip)")
+                raise ConfigError(f"--override: unknown setting {item!r} (use method=, bits=, levels=, rank=, block=, skip)")
         except ValueError:
             raise ConfigError(f"--override: {item!r} needs an integer value") from None
     return LayerOverride(pattern=pattern, **fields)

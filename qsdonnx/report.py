@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from .passes.base import Context, WeightRecord
+from .factorize.types import code_rate
 
 
 def _fmt_bytes(n: float) -> str:
@@ -78,8 +79,11 @@ class Report:
             method = l["method"]
             if l.get("atoms"):  # QSD sub-vector codes: vector length × dictionary atoms
                 method += f" {l['block_size']}x{l['atoms']}"
+            bits = str(l["bits"] or "-")
+            if l.get("levels"):  # codes of that many values, three to a word: the stored bits a code
+                bits = f"{code_rate(l['bits'], l['levels']):.2f}"
             rows.append([l["name"], l["op"], "x".join(map(str, l["shape"])), method, str(l["rank"] or "-"),
-                         str(l["bits"] or "-"), _num(l["bpw"], ".2f"), _fmt_bytes(l["bytes_before"]),
+                         bits, _num(l["bpw"], ".2f"), _fmt_bytes(l["bytes_before"]),
                          _fmt_bytes(l["bytes_after"]), _num(l["rel_error"], ".4f")])
         out = [_table(head, rows)] if rows else ["no weights compressed"]
         skipped = [l for l in self.layers if l["status"] == "skipped"]
@@ -125,7 +129,7 @@ def _layer_row(r: WeightRecord) -> dict:
     return {
         "name": r.name, "op": r.op, "nodes": r.nodes, "shape": list(r.shape), "dtype": r.dtype,
         "location": r.location, "view": r.view, "matrix_shape": list(r.matrix_shape),
-        "status": r.status, "reason": r.reason, "method": r.method, "bits": r.bits,
+        "status": r.status, "reason": r.reason, "method": r.method, "bits": r.bits, "levels": r.levels,
         "block_size": r.block_size, "rank": r.rank, "atoms": r.atoms, "bpw": r.bpw, "bytes_before": r.bytes_before,
         "bytes_after": r.bytes_after, "rel_error": r.rel_error, "predicted_error": r.predicted_error,
         **{k: v for k, v in r.extra.items() if k != "attrs_key"},

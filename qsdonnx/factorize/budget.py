@@ -8,16 +8,19 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .types import container_width, index_dtype_for, num_blocks, packed_nbytes
+from .types import container_width, index_dtype_for, level_words_nbytes, num_blocks, packed_nbytes
 
 
 def quantized_nbytes(rows: int, cols: int, bits: int, block_size: int, symmetric: bool = True,
-                     scale_dtype: str = "float16") -> int:
+                     scale_dtype: str = "float16", levels: Optional[int] = None) -> int:
     """Bytes of a ``(rows, cols)`` :class:`QuantizedMatrix` (blocks along rows):
     ``cols * ceil(rows*b/8) + kb*cols*|scale| + [asymmetric] cols * ceil(kb*c/8)``, with zero
-    points at the container width ``c`` (:func:`container_width`)."""
+    points at the container width ``c`` (:func:`container_width`); codes of ``levels`` values
+    in words of three (:func:`level_words_nbytes`)."""
     kb = num_blocks(rows, block_size)
-    n = cols * packed_nbytes(rows, bits) + kb * cols * np.dtype(scale_dtype).itemsize
+    codes = (cols * packed_nbytes(rows, bits) if levels is None
+             else level_words_nbytes(rows * cols, levels, cols))
+    n = codes + kb * cols * np.dtype(scale_dtype).itemsize
     if not symmetric:
         n += cols * packed_nbytes(kb, container_width(bits))
     return n
@@ -36,9 +39,9 @@ def factor_nbytes(rows: int, cols: int, bits: Optional[int], block_size: int, sy
 
 
 def rtn_nbytes(K: int, N: int, bits: int, block_size: int, symmetric: bool = True,
-               scale_dtype: str = "float16") -> int:
+               scale_dtype: str = "float16", levels: Optional[int] = None) -> int:
     """Bytes of ``rtn_factorize`` / ``gptq_factorize`` on a ``(K, N)`` weight."""
-    return quantized_nbytes(K, N, bits, block_size, symmetric, scale_dtype)
+    return quantized_nbytes(K, N, bits, block_size, symmetric, scale_dtype, levels)
 
 
 def lowrank_nbytes(K: int, N: int, rank: int, bits_left: Optional[int], bits_right: Optional[int],

@@ -40,7 +40,8 @@ def upper_inverse_cholesky(H: np.ndarray, damp: float) -> torch.Tensor:
 
 def gptq_quantize(W: np.ndarray, H: np.ndarray, bits: int, block_size: int,
                   symmetric: bool = True, scale_dtype: str = "float16", damp: float = 0.01,
-                  act_order: bool = False, refit: bool = True) -> QuantizedMatrix:
+                  act_order: bool = False, refit: bool = True,
+                  levels: Optional[int] = None) -> QuantizedMatrix:
     """Quantize rows ``k = 0..K-1`` in turn with error feedback to the rows not yet quantized.
 
     With ``U`` the upper Cholesky factor of ``(H + λI)⁻¹`` (``λ = damp * mean(diag H)``), row
@@ -57,7 +58,8 @@ def gptq_quantize(W: np.ndarray, H: np.ndarray, bits: int, block_size: int,
     input (on skewed inputs, 15-25 % less H-weighted error than the plain squared error).
 
     ``refit`` then fits the scales to the H-weighted objective with the codes fixed
-    (:func:`refit_scales`; never worse, typically 10 % less error).
+    (:func:`refit_scales`; never worse, typically 10 % less error).  ``levels`` codes an
+    alphabet of that many values (``types.LEVEL_WORDS``) instead of ``2^bits``.
     """
     check_bits(bits)
     W = np.ascontiguousarray(W, dtype=np.float32)
@@ -67,7 +69,7 @@ def gptq_quantize(W: np.ndarray, H: np.ndarray, bits: int, block_size: int,
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(K)
     U = upper_inverse_cholesky(np.asarray(H, np.float64)[np.ix_(perm, perm)], damp)
     q = gptq_quantize_prepared(W, U, bits, block_size, symmetric, scale_dtype,
-                               perm if act_order else None, row_weights=np.diag(H))
+                               perm if act_order else None, row_weights=np.diag(H), levels=levels)
     return refit_scales(q, W, H) if refit else q
 
 
@@ -124,7 +126,8 @@ def refit_scales(q: QuantizedMatrix, W: np.ndarray, H: np.ndarray) -> QuantizedM
 def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size: int,
                            symmetric: bool = True, scale_dtype: str = "float16",
                            perm: Optional[np.ndarray] = None,
-                           row_weights: Optional[np.ndarray] = None) -> QuantizedMatrix:
+                           row_weights: Optional[np.ndarray] = None,
+                           levels: Optional[int] = None) -> QuantizedMatrix:
     """:func:`gptq_quantize` with ``U`` (from :func:`upper_inverse_cholesky` of the permuted H)
     given, so repeated calls with the same ``H`` factor it once; ``perm`` is the visiting order
     (None: natural order with dynamic block grids); ``row_weights`` (``diag(H)``) weights the
@@ -132,7 +135,7 @@ def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size
     check_bits(bits)
     W = np.ascontiguousarray(W, dtype=np.float32)
     K, N = W.shape
-    qmin, qmax = code_range(bits, symmetric)
+    qmin, qmax = code_range(bits, symmetric, levels)
     kb = num_blocks(K, block_size)
     scales = np.zeros((kb, N), np.float32)
     zeros = None if symmetric else np.zeros((kb, N), np.uint8)
@@ -149,7 +152,7 @@ def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size
 
     def set_grid(b: int, rows: np.ndarray) -> None:
         rw = None if rw_all is None else rw_all[b * block_size:b * block_size + len(rows)][None]
-        s_, z_ = mse_grid(rows[None], bits, symmetric, scale_dtype, rw)
+        s_, z_ = mse_grid(rows[None], bits, symmetric, scale_dtype, rw, levels)
         s_ = s_[0]
         z_ = None if z_ is None else z_[0]
         scales[b] = s_
@@ -197,14 +200,17 @@ def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size
     codes_np[perm] = codes
     return QuantizedMatrix(codes=codes_np.astype(np.int8 if symmetric else np.uint8),
                            scales=scales, zero_points=zeros, bits=bits, block_size=block_size,
-                           scale_dtype=scale_dtype)
+                           scale_dtype=scale_dtype, levels=levels)
 
 
 def gptq_factorize(W: np.ndarray, H: np.ndarray, bits: int, block_size: int,
                    symmetric: bool = True, scale_dtype: str = "float16", damp: float = 0.01,
-                   act_order: bool = False, refit: bool = True) -> Factorization:
+                   act_order: bool = False, refit: bool = True,
+                   levels: Optional[int] = None) -> Factorization:
     """:func:`gptq_quantize` as a :class:`Factorization` with ``method="gptq"``."""
-    q = gptq_quantize(W, H, bits, block_size, symmetric, scale_dtype, damp, act_order, refit)
-    return Factorization(method="gptq", shape=tuple(W.shape), q=q,
-                         info={"bits": bits, "block_size": block_size, "symmetric": symmetric,
-                               "damp": damp, "act_order": act_order, "refit": refit})
+    q = gptq_quantize(W, H, bits, block_size, symmetric, scale_dtype, damp, act_order, refit, levels)
+    info = {"bits": bits, "block_size": block_size, "symmetric": symmetric,
+            "damp": damp, "act_order": act_order, "refit": refit}
+    if levels is not None:
+        info["levels"] = levels
+    return Factorization(method="gptq", shape=tuple(W.shape), q=q, info=info)

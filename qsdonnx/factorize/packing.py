@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from .types import CONTAINER_BITS, QuantizedMatrix, container_width, num_blocks
+from .types import CODES_PER_WORD, CONTAINER_BITS, LEVEL_WORDS, QuantizedMatrix, container_width, num_blocks
 
 PACK_BITS = (1, 2, 4, 8)
 def pack_stream(values_u8: np.ndarray, bits: int) -> np.ndarray:
@@ -36,6 +36,27 @@ def unpack_stream(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     word = (p << (np.arange(bits, dtype=np.uint64) * np.uint64(8))).sum(axis=1, dtype=np.uint64)
     v = (word[:, None] >> (np.arange(8, dtype=np.uint64) * np.uint64(bits))) & np.uint64((1 << bits) - 1)
     return v.reshape(-1)[:count].astype(np.uint8)
+
+
+def level_words(values: np.ndarray, levels: int) -> np.ndarray:
+    """Words of three codes along the last axis (a multiple of 3): ``c0 + L·c1 + L²·c2`` for
+    codes ``c < L`` (``L = levels``, a key of ``LEVEL_WORDS``); the last axis shrinks by 3."""
+    if levels not in LEVEL_WORDS:
+        raise ValueError(f"code levels must be one of {sorted(LEVEL_WORDS)}, got {levels}")
+    v = np.asarray(values).astype(np.int64)
+    if v.shape[-1] % CODES_PER_WORD:
+        raise ValueError(f"the last axis ({v.shape[-1]}) is not a multiple of {CODES_PER_WORD}")
+    if v.size and (v.min() < 0 or v.max() >= levels):
+        raise ValueError(f"codes out of range for {levels} levels")
+    g = v.reshape(v.shape[:-1] + (-1, CODES_PER_WORD))
+    return g[..., 0] + levels * g[..., 1] + levels * levels * g[..., 2]
+
+
+def level_digits(levels: int) -> np.ndarray:
+    """The decoding table of :func:`level_words`: row ``w`` holds the three codes of word ``w``
+    (``(L³, 3)`` uint8)."""
+    w = np.arange(levels ** CODES_PER_WORD)
+    return np.stack([w % levels, w // levels % levels, w // (levels * levels)], axis=1).astype(np.uint8)
 
 
 def _check_pack_bits(bits: int) -> None:

@@ -3,7 +3,9 @@
 The grid of one block (one column ``n``, rows ``b*block ... (b+1)*block - 1``) is
 ``{(c - z) * s : c in [qmin, qmax]}``; a value is coded as ``c = clip(round(w / s) + z)``.
 Symmetric grids have ``z = 0`` and signed codes ``[-2^(b-1), 2^(b-1) - 1]``; asymmetric grids
-have unsigned codes ``[0, 2^b - 1]`` and an unsigned zero point ``z`` in the same range.
+have unsigned codes ``[0, 2^b - 1]`` and an unsigned zero point ``z`` in the same range.  An
+alphabet of ``L`` levels that is not a power of two (``levels``, see ``types.LEVEL_WORDS``)
+has codes ``[-floor(L/2), L - 1 - floor(L/2)]`` or ``[0, L - 1]``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .types import QuantizedMatrix, num_blocks
+from .types import QuantizedMatrix, check_levels, num_blocks
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -22,9 +24,13 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
 
 
-def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """``(qmin, qmax)``: ``[-2^(b-1), 2^(b-1)-1]`` when symmetric, else ``[0, 2^b-1]``."""
+def code_range(bits: int, symmetric: bool, levels: Optional[int] = None) -> tuple[int, int]:
+    """``(qmin, qmax)``: ``[-2^(b-1), 2^(b-1)-1]`` when symmetric, else ``[0, 2^b-1]``; with
+    ``levels = L``: ``[-floor(L/2), L-1-floor(L/2)]``, else ``[0, L-1]``."""
     check_bits(bits)
+    if levels is not None:
+        check_levels(levels, bits)
+        return (-(levels // 2), levels - 1 - levels // 2) if symmetric else (0, levels - 1)
     if symmetric:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1
@@ -49,7 +55,7 @@ def store_scales(needed: np.ndarray, scale_dtype: str) -> np.ndarray:
 
 
 def scales_from_range(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool,
-                      scale_dtype: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+                      scale_dtype: str, levels: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Per-block scale (and zero point) from the block minimum ``lo`` and maximum ``hi``.
 
     Symmetric: ``s = max(-min(lo,0) / 2^(b-1), max(hi,0) / (2^(b-1)-1))``.  Of the standard
@@ -60,9 +66,10 @@ def scales_from_range(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool
     ``<= s/2`` and ``s`` is never larger than the ``absmax / (2^(b-1)-1)`` choice.
 
     Asymmetric: ``s = (max(hi,0) - min(lo,0)) / (2^b - 1)``, ``z = clip(round(-min(lo,0)/s))``;
-    including 0 in the range keeps ``z`` inside ``[0, 2^b-1]``.
+    including 0 in the range keeps ``z`` inside ``[0, 2^b-1]``.  (With ``levels``, the same
+    with its code range in place of the width's.)
     """
-    qmin, qmax = code_range(bits, symmetric)
+    qmin, qmax = code_range(bits, symmetric, levels)
     lo = np.minimum(np.asarray(lo, np.float32), 0.0)
     hi = np.maximum(np.asarray(hi, np.float32), 0.0)
     if symmetric:
@@ -100,10 +107,11 @@ def block_view(W: np.ndarray, block_size: int) -> np.ndarray:
 
 
 def quantize_with_grid(W: np.ndarray, scales: np.ndarray, zero_points: Optional[np.ndarray],
-                       bits: int, block_size: int, scale_dtype: str) -> QuantizedMatrix:
+                       bits: int, block_size: int, scale_dtype: str,
+                       levels: Optional[int] = None) -> QuantizedMatrix:
     """Round ``W`` onto a given block grid (scales already in stored precision)."""
     symmetric = zero_points is None
-    qmin, qmax = code_range(bits, symmetric)
+    qmin, qmax = code_range(bits, symmetric, levels)
     K = W.shape[0]
     s = torch.from_numpy(np.repeat(scales, block_size, axis=0)[:K])
     z = None
@@ -112,23 +120,24 @@ def quantize_with_grid(W: np.ndarray, scales: np.ndarray, zero_points: Optional[
     c = quantize_t(torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)), s, z, qmin, qmax)
     codes = c.numpy().astype(np.int8 if symmetric else np.uint8)
     return QuantizedMatrix(codes=codes, scales=scales.astype(np.float32), zero_points=zero_points,
-                           bits=bits, block_size=block_size, scale_dtype=scale_dtype)
+                           bits=bits, block_size=block_size, scale_dtype=scale_dtype, levels=levels)
 
 
 CLIP_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 9), 4))
 
 
 def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str,
-             row_weights: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+             row_weights: Optional[np.ndarray] = None,
+             levels: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Per block, the grid that minimizes the block's squared rounding error among the min/max
     grids of the range shrunk by each factor in ``CLIP_FACTORS``: clipping a few extreme values
     buys a finer step for all the others (``Wb``: ``(k_blocks, block, N)``).  ``row_weights``
     (``(k_blocks, block)``) weights each row's error, e.g. by its input's energy ``diag(H)``."""
     lo, hi = Wb.min(axis=1), Wb.max(axis=1)
-    qmin, qmax = code_range(bits, symmetric)
+    qmin, qmax = code_range(bits, symmetric, levels)
     best_err = best_s = best_z = None
     for f in CLIP_FACTORS:
-        s, z = scales_from_range(lo * f, hi * f, bits, symmetric, scale_dtype)
+        s, z = scales_from_range(lo * f, hi * f, bits, symmetric, scale_dtype, levels)
         zz = 0.0 if z is None else z.astype(np.float32)[:, None, :]
         q = np.clip(np.round(Wb / s[:, None, :]) + zz, qmin, qmax)
         sq = ((q - zz) * s[:, None, :] - Wb) ** 2
@@ -145,14 +154,15 @@ def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str,
 
 
 def block_grid(W: np.ndarray, bits: int, block_size: int, symmetric: bool,
-               scale_dtype: str, clip_search: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+               scale_dtype: str, clip_search: bool = True,
+               levels: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Grid of every block of ``W``: scales (and zero points) of shape (k_blocks, N); the
     MSE-best clipped range with ``clip_search``, else the plain min/max range."""
     Wb = block_view(np.asarray(W, np.float32), block_size)
     # Zero padding cannot change the grid: 0 is always inside the covered range.
     if clip_search:
-        return mse_grid(Wb, bits, symmetric, scale_dtype)
-    return scales_from_range(Wb.min(axis=1), Wb.max(axis=1), bits, symmetric, scale_dtype)
+        return mse_grid(Wb, bits, symmetric, scale_dtype, levels=levels)
+    return scales_from_range(Wb.min(axis=1), Wb.max(axis=1), bits, symmetric, scale_dtype, levels)
 
 
 def quantize_matrix(W: np.ndarray, bits: Optional[int], block_size: int, symmetric: bool = True,

@@ -40,20 +40,68 @@ def container_width(bits: int) -> int:
     raise ValueError(f"no integer container holds {bits}-bit codes")
 
 
+# Code alphabets of L levels, L not a power of two, stored three codes to a word of
+# w = ceil(log2(L³)) bits (word = c0 + L·c1 + L²·c2): 5 levels in 7 bits (2.33 bits a code),
+# 6 in 8 (2.67), 10 in 10 (3.33), 12 in 11 (3.67).  They give the planner rates between the
+# integer widths; like 3-bit codes they widen to the 4-bit container when the model loads.
+LEVEL_WORDS = {5: 7, 6: 8, 10: 10, 12: 11}
+CODES_PER_WORD = 3
+
+
+def level_bits(levels: int) -> int:
+    """The integer code width an alphabet of ``levels`` values needs (``ceil(log2 levels)``)."""
+    return max(1, int(levels - 1).bit_length())
+
+
+def check_levels(levels: Optional[int], bits: int) -> None:
+    """``levels`` (None: ``2^bits``) must be one of ``LEVEL_WORDS`` with ``bits`` its width."""
+    if levels is None:
+        return
+    if levels not in LEVEL_WORDS:
+        raise ValueError(f"code levels must be one of {sorted(LEVEL_WORDS)}, got {levels}")
+    if bits != level_bits(levels):
+        raise ValueError(f"{levels} code levels take {level_bits(levels)}-bit codes, not {bits}")
+
+
+def code_rate(bits: int, levels: Optional[int] = None) -> float:
+    """Stored bits per code: ``bits``, or ``w / 3`` for words of three ``levels``-level codes."""
+    return bits if levels is None else LEVEL_WORDS[levels] / CODES_PER_WORD
+
+
+def level_words_nbytes(count: int, levels: int, last: int, ndim: int = 2) -> int:
+    """Bytes of ``count`` codes of an ``ndim``-axis array whose last axis is ``last``, stored in
+    words of three (``LEVEL_WORDS``) as the lowering stores them: whole along the last axis when
+    it is a multiple of 3, otherwise flattened and padded to whole words, then trimmed and
+    reshaped by two small int64 constants.  A word of up to 8 bits is one stream entry at its
+    width (8 bits: a plain byte); a wider word is a byte and a stream of its high bits
+    (:func:`stream_nbytes`)."""
+    w = LEVEL_WORDS[levels]
+    if last % CODES_PER_WORD == 0:
+        words, wlast, wndim, extra = count // CODES_PER_WORD, last // CODES_PER_WORD, ndim, 0
+    else:
+        words = -(-count // CODES_PER_WORD)
+        wlast, wndim = words, 1
+        extra = (8 if count % CODES_PER_WORD else 0) + 8 * ndim
+    if w == 8:
+        return words + extra
+    stream = stream_nbytes(words, w if w < 8 else w - 8, wlast, wndim)
+    return stream + extra + (words if w > 8 else 0)
+
+
 def packed_nbytes(count: int, bits: int) -> int:
     """Bytes for ``count`` values packed at ``bits`` each (rounded up to a byte)."""
     return (count * bits + 7) // 8
 
 
-def stream_nbytes(count: int, bits: int, last: int) -> int:
-    """Bytes of ``count`` codes of a 3-axis array whose last axis is ``last``, stored as the
-    lowering stores them (``narrow_codes``): 8-bit codes as they are; narrower ones as a stream
-    of 8 codes per ``bits`` bytes, whole along the last axis when it is a multiple of 8,
+def stream_nbytes(count: int, bits: int, last: int, ndim: int = 3) -> int:
+    """Bytes of ``count`` codes of an ``ndim``-axis array whose last axis is ``last``, stored as
+    the lowering stores them (``narrow_codes``): 8-bit codes as they are; narrower ones as a
+    stream of 8 codes per ``bits`` bytes, whole along the last axis when it is a multiple of 8,
     otherwise flattened, padded to a multiple of 8 codes, and trimmed and reshaped by two small
-    constants (an int64 count, when padded, and the 3-axis shape)."""
+    constants (an int64 count, when padded, and the shape)."""
     if bits == 8 or last % 8 == 0:
         return packed_nbytes(count, bits)
-    return (count + 7) // 8 * bits + (8 if count % 8 else 0) + 3 * 8
+    return (count + 7) // 8 * bits + (8 if count % 8 else 0) + ndim * 8
 
 
 @dataclass
@@ -66,6 +114,7 @@ class QuantizedMatrix:
     bits: int
     block_size: int
     scale_dtype: str = "float16"  # how the scales are stored in the model
+    levels: Optional[int] = None  # a LEVEL_WORDS alphabet (codes in words of three); None: 2^bits
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -74,6 +123,10 @@ class QuantizedMatrix:
     @property
     def symmetric(self) -> bool:
         return self.zero_points is None
+
+    @property
+    def code_rate(self) -> float:
+        return code_rate(self.bits, self.levels)
 
     def dequantize(self) -> np.ndarray:
         """``(codes - zero_point) * scale`` with the scale broadcast over its block."""
@@ -90,7 +143,10 @@ class QuantizedMatrix:
 
     def nbytes(self) -> int:
         K, N = self.codes.shape
-        n = N * packed_nbytes(K, self.bits)
+        if self.levels is not None:
+            n = level_words_nbytes(K * N, self.levels, N)
+        else:
+            n = N * packed_nbytes(K, self.bits)
         n += self.scales.size * np.dtype(self.scale_dtype).itemsize
         if self.zero_points is not None:
             n += N * packed_nbytes(self.zero_points.shape[0], container_width(self.bits))

@@ -40,6 +40,7 @@ class WeightRecord:
     block_size: int = 0
     rank: int = 0
     atoms: int = 0  # QSD sub-vector form: dictionary atoms (block_size is then the vector length)
+    levels: Optional[int] = None  # codes of this many values in words of three (types.LEVEL_WORDS)
     # filled by factorization / lowering
     bytes_before: int = 0
     bytes_after: int = 0

@@ -16,9 +16,9 @@ from ..factorize.pq import pq_applicable, pq_factorize, pq_nbytes
 from ..factorize.trellis import TRELLIS_BITS, trellis_applicable, trellis_factorize, trellis_nbytes
 from ..factorize.rtn import rtn_factorize
 from ..factorize.svd import svd_factorize
-from ..factorize.types import Factorization, container_width
+from ..factorize.types import CODES_PER_WORD, LEVEL_WORDS, Factorization, container_width, level_bits
 from ..factorize.vq import VQ_CODE_BITS, VQ_DIM, vq_factorize, vq_group, vq_nbytes
-from .lower_qdq import shared_decode_bytes
+from .lower_qdq import level_decoders, shared_decode_bytes
 from ..config import DATA_AWARE_METHODS, LOWRANK_METHODS, OptimizeConfig
 from ..errors import ConfigError
 from .base import Context, Pass, WeightRecord
@@ -42,25 +42,28 @@ GPTQ_DAMP = 0.1
 @dataclass(frozen=True)
 class LayerChoice:
     """One concrete way to compress one weight.  QSD's sub-vector form (``atoms > 0``) reads
-    ``block_size`` as the vector length and ``bits`` as the coefficient bits."""
+    ``block_size`` as the vector length and ``bits`` as the coefficient bits; ``levels`` (rtn
+    and gptq) codes an alphabet of that many values in words of three (``types.LEVEL_WORDS``),
+    ``bits`` then being the width it widens to."""
 
     method: str
     bits: int
     block_size: int
     rank: int = 0
     atoms: int = 0
+    levels: Optional[int] = None
 
     @classmethod
     def of(cls, rec: WeightRecord) -> "LayerChoice":
-        return cls(rec.method, rec.bits, rec.block_size, rec.rank, rec.atoms)
+        return cls(rec.method, rec.bits, rec.block_size, rec.rank, rec.atoms, rec.levels)
 
     def apply(self, rec: WeightRecord) -> None:
-        rec.method, rec.bits, rec.block_size, rec.rank, rec.atoms = (
-            self.method, self.bits, self.block_size, self.rank, self.atoms)
+        rec.method, rec.bits, rec.block_size, rec.rank, rec.atoms, rec.levels = (
+            self.method, self.bits, self.block_size, self.rank, self.atoms, self.levels)
 
     def nbytes(self, K: int, N: int, cfg: OptimizeConfig, dense_dtype: str = "float32") -> int:
         """Stored bytes: codes at their own width (3-bit codes are stored as a 3-bit stream in
-        every format), zero points at the container width."""
+        every format, level codes in words of three), zero points at the container width."""
         c = self.bits  # code width
         if self.method == "pq":  # block_size is the sub-vector length
             return pq_nbytes(K, N, self.block_size, scale_dtype=cfg.scale_dtype)
@@ -71,7 +74,7 @@ class LayerChoice:
         if self.method == "vq":  # block_size is the rows sharing one codebook
             return vq_nbytes(K, N, VQ_DIM, VQ_CODE_BITS[self.bits], self.block_size, cfg.scale_dtype)
         if self.method in ("rtn", "gptq"):
-            return rtn_nbytes(K, N, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
+            return rtn_nbytes(K, N, c, self.block_size, cfg.symmetric, cfg.scale_dtype, self.levels)
         if self.method == "svd":
             return lowrank_nbytes(K, N, self.rank, None, None, self.block_size, cfg.symmetric,
                                      cfg.scale_dtype, dense_dtype=dense_dtype)
@@ -83,16 +86,19 @@ class LayerChoice:
             return qsd_nbytes(K, N, self.rank, c, self.block_size, cfg.sparsity, cfg.symmetric, cfg.scale_dtype)
         return lowrank_nbytes(K, N, self.rank, c, c, self.block_size, cfg.symmetric, cfg.scale_dtype)
 
-    def stream_bits(self) -> set[int]:
-        """Code widths this setting stores as a bit stream (decoded by shared constants)."""
+    def decoders(self) -> set[tuple[str, int]]:
+        """The shared decoding constants this setting's codes need: ``("stream", width)`` for
+        codes stored as a bit stream, ``("levels", L)`` for codes in words of three."""
         if self.method == "vq":
             cb = VQ_CODE_BITS[self.bits]
-            return {cb} if cb < 8 else set()
+            return {("stream", cb)} if cb < 8 else set()
         if self.method in ("pq", "trellis", "svd"):
             return set()
         if self.atoms:
-            return {b for b in (index_bits(self.atoms), self.bits) if b < 8}
-        return {self.bits} if self.bits != container_width(self.bits) else set()
+            return {("stream", b) for b in (index_bits(self.atoms), self.bits) if b < 8}
+        if self.levels is not None:
+            return level_decoders(self.levels)
+        return {("stream", self.bits)} if self.bits != container_width(self.bits) else set()
 
     def label(self) -> str:
         if self.method == "pq":
@@ -101,7 +107,12 @@ class LayerChoice:
             return f"trellis {self.bits}b"
         if self.atoms:
             return f"{self.method} d={self.block_size} atoms={self.atoms} coef {self.bits}b"
-        s = f"{self.method} {self.bits}b/{self.block_size}" if self.method != "svd" else "svd"
+        if self.method == "svd":
+            s = "svd"
+        elif self.levels is not None:
+            s = f"{self.method} {self.levels} levels/{self.block_size}"
+        else:
+            s = f"{self.method} {self.bits}b/{self.block_size}"
         return s + (f" r={self.rank}" if self.rank else "")
 
 
@@ -147,6 +158,7 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
     ov = cfg.override_for(rec.name)
     method = (ov.method if ov and ov.method else cfg.method)
     bits = (ov.bits if ov and ov.bits else cfg.bits)
+    levels = ov.levels if ov and (ov.bits or ov.levels) else cfg.levels
     block = effective_block(ov.block_size if ov and ov.block_size else cfg.block_size, K)
     if rec.view == "embedding":
         block = embedding_block(block, K)
@@ -154,6 +166,16 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
     note = ""
     if method == "auto":
         method = "gptq" if rec.view != "embedding" else "rtn"
+    if levels is not None:
+        if rec.view == "embedding" or method not in ("rtn", "gptq"):
+            # Table rows are decoded at run time, from whole-width codes: the widest that
+            # stays within the asked rate.
+            bits = LEVEL_WORDS[levels] // CODES_PER_WORD
+            note = (f"{levels}-level codes apply to rtn and gptq on MatMul, Gemm and Conv; "
+                    f"{bits}-bit codes")
+            levels = None
+        else:
+            bits = level_bits(levels)
     if rec.view in QUANT_ONLY_VIEWS and method in LOWRANK_METHODS:
         note = f"{method} does not apply to {rec.view} weights; quantized only"
         method = "rtn"
@@ -186,9 +208,11 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
         budget_bytes = cfg.bits_per_weight * K * N / 8.0
     if method in ("rtn", "gptq", "vq"):
         def setting(b: int) -> LayerChoice:
-            return vq_setting(K, b) if method == "vq" else LayerChoice(method, b, block)
+            if method == "vq":
+                return vq_setting(K, b)
+            return LayerChoice(method, b, block, levels=levels if b == bits else None)
 
-        if budget_bytes is not None and not (ov and ov.bits):
+        if budget_bytes is not None and not (ov and ov.bits) and levels is None:
             fitting = [b for b in (8, 4, 3, 2) if (method != "vq" or b in VQ_CODE_BITS)
                        and setting(b).nbytes(K, N, cfg) <= budget_bytes]
             if not fitting:
@@ -245,10 +269,10 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
     m = choice.method
     common = dict(block_size=choice.block_size, symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype)
     if m == "rtn" or (m == "gptq" and H is None):
-        return rtn_factorize(W, choice.bits, clip_search=cfg.clip_search, **common)
+        return rtn_factorize(W, choice.bits, clip_search=cfg.clip_search, levels=choice.levels, **common)
     if m == "gptq":
         from ..factorize.gptq import gptq_factorize
-        return gptq_factorize(W, H, choice.bits, damp=GPTQ_DAMP, act_order=True, **common)
+        return gptq_factorize(W, H, choice.bits, damp=GPTQ_DAMP, act_order=True, levels=choice.levels, **common)
     if m in ("vq", "vq-fast"):
         return vq_factorize(W, H, choice.bits, choice.block_size, damp=GPTQ_DAMP, scale_dtype=cfg.scale_dtype,
                             seed=cfg.seed, feedback=m == "vq")
@@ -314,6 +338,10 @@ PQ_SUB_DIMS = {2: 4, 4: 2, 8: 1}  # code bits per value -> sub-vector length (8-
 PLAN_TRELLIS_MAX_VALUES = 1 << 25  # larger tables: the Viterbi search takes minutes, not offered unasked
 PLAN_PQ_BITS = (2,)  # the planner's product-quantized table setting (finer ones cost more time than they gain)
 PLAN_BITS = (2, 3, 4, 8)
+# Code alphabets between the integer widths (2.33, 2.67, 3.33 and 3.67 bits a code): a plan
+# mixing 3- and 4-bit layers pays for the convexity of error against bits, about 10-20 % more
+# H-weighted error at 3.5 bits than one alphabet of 3.5 bits would have.
+PLAN_LEVELS = (5, 6, 10, 12)
 PLAN_BLOCKS = (32, 64, 128)
 PLAN_RANK_BPW = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # low-rank candidates: ranks spending these bpw
 
@@ -326,6 +354,15 @@ def proxy_of(choice: LayerChoice) -> Optional[str]:
     if choice.method == "qsd" and choice.atoms:
         return "qsd-fast"
     return PROXIES.get(choice.method)
+
+
+def quantized_choices(method: str, blocks, view: str) -> list[LayerChoice]:
+    """Block-quantized settings: every planned width and block, and (except for Gather tables,
+    whose rows are decoded at run time) every planned alphabet between the widths."""
+    out = [LayerChoice(method, b, blk) for b in PLAN_BITS for blk in blocks]
+    if view != "embedding":
+        out += [LayerChoice(method, level_bits(L), blk, levels=L) for L in PLAN_LEVELS for blk in blocks]
+    return out
 
 
 def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> list[LayerChoice]:
@@ -366,11 +403,10 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
         m = method if method in ("rtn", "gptq") and has_h else "rtn"
         if method == "auto" and rec.view not in QUANT_ONLY_VIEWS:
             m = quant
-        return [LayerChoice(m, b, blk) for b in PLAN_BITS for blk in blocks] + tables + vq
+        return quantized_choices(m, blocks, rec.view) + tables + vq
     out: list[LayerChoice] = []
     if method == "auto":
-        out += [LayerChoice(quant, b, blk) for b in PLAN_BITS for blk in blocks]
-        return out + vq
+        return quantized_choices(quant, blocks, rec.view) + vq
     bits = ov.bits if ov and ov.bits else cfg.bits
     # CALDERA's backbone: 2 bits with a low-rank correction is its point; 4 bits as a step up.
     q_bits = (bits,) if method != "caldera" or (ov and ov.bits) else (2, 4)
@@ -388,7 +424,7 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
     if method == "caldera" and not (ov and ov.bits):
         # Rank 0 is CALDERA's backbone alone (LDLQ = GPTQ rounding): the planner keeps it for
         # layers where no low-rank correction pays for its bytes.
-        out += [LayerChoice(quant, b, bk) for b in PLAN_BITS for bk in blocks]
+        out += quantized_choices(quant, blocks, rec.view)
     return out
 
 
@@ -424,6 +460,47 @@ def relative_error(W: np.ndarray, What: np.ndarray, H: Optional[np.ndarray],
     if energy is None:
         energy = weighted_error_fast(W, np.zeros_like(W), H)
     return weighted_error_fast(W, What, H) / max(energy, 1e-30)
+
+
+def plan_with_decoders(options: list, budget: float) -> list[int]:
+    """``plan_allocation`` that pays for the decoding constants the chosen codes share: bit
+    streams take a few hundred bytes per model, the digit table of level codes up to 5 KiB,
+    which on a small model is more than those codes save.  Starting from the settings that need
+    no shared constants, the decoders (with every setting that needs them) are admitted one
+    group at a time, the group whose plan, within the budget less the admitted constants, has
+    the least total predicted error first, while that error falls."""
+    from ..factorize.planner import plan_allocation
+
+    def needs(c) -> frozenset:
+        return frozenset(c.payload[0].decoders())
+
+    def attempt(allowed: frozenset):
+        kept = [[i for i, c in enumerate(cands) if needs(c) <= allowed] for cands in options]
+        if any(not k for k in kept):
+            return None
+        try:
+            picks = plan_allocation([[cands[i] for i in k] for cands, k in zip(options, kept)],
+                                    budget - shared_decode_bytes(allowed))
+        except ValueError:
+            return None
+        chosen = [k[i] for k, i in zip(kept, picks)]
+        return sum(cands[i].predicted_error for cands, i in zip(options, chosen)), chosen
+
+    # A layer that has only stream-coded settings admits the decoders of its cheapest one.
+    allowed = frozenset().union(*(needs(min(cands, key=lambda c: c.nbytes)) for cands in options
+                                  if all(needs(c) for c in cands)))
+    best = attempt(allowed)
+    groups = {needs(c) for cands in options for c in cands}
+    while True:
+        trials = [t for t in (attempt(allowed | g) for g in groups if not g <= allowed) if t is not None]
+        better = [t for t in trials if best is None or t[0] < best[0]]
+        if not better:
+            break
+        best = min(better, key=lambda t: t[0])
+        allowed = allowed.union(*(needs(cands[i]) for cands, i in zip(options, best[1])))
+    if best is None:
+        raise ValueError(f"budget of {budget:.0f} bytes is below the cheapest candidate of every layer")
+    return best[1]
 
 
 class GlobalPlanPass(Pass):
@@ -526,19 +603,10 @@ class GlobalPlanPass(Pass):
 
     def choose(self, ctx: Context, budget: float) -> None:
         """Picks one candidate per layer within ``budget`` bytes (candidates already computed)."""
-        from ..factorize.planner import plan_allocation
-
         # The input rotation (passes.rotate) is stored once beside the weights.
         rotation = ctx.rotation.get("bytes", 0)
         budget_left = budget - rotation
-        picks = plan_allocation(self.options, budget_left)
-        # Stream-coded weights share a few decoding constants (a few hundred bytes per model):
-        # when they do not fit beside the plan, plan again with room for those of every width
-        # any candidate uses.
-        widths = set().union(*(cands[i].payload[0].stream_bits() for cands, i in zip(self.options, picks)))
-        if sum(cands[i].nbytes for cands, i in zip(self.options, picks)) + shared_decode_bytes(widths) > budget_left:
-            every = set().union(*(c.payload[0].stream_bits() for cands in self.options for c in cands))
-            picks = plan_allocation(self.options, budget_left - shared_decode_bytes(every))
+        picks = plan_with_decoders(self.options, budget_left)
         spent = rotation
         choices = {}
         for rec, cands, i in zip(self.kept, self.options, picks):

@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..factorize.packing import pack_bits, pack_stream, unpack_bits
+from ..factorize.packing import level_digits, level_words, pack_bits, pack_stream, unpack_bits
 from ..factorize.pq import ProductQuantizedMatrix
 from ..factorize.trellis import TrellisTable
 from ..factorize.qsd_dictionary import DictionaryMatrix, index_bits
 from ..factorize.vq import VectorQuantizedMatrix, order_dtype
-from ..factorize.types import (DenseMatrix, Factorization, QuantizedMatrix, SparseMatrix, SparseQuantizedMatrix,
-                               container_width)
+from ..factorize.types import (CODES_PER_WORD, LEVEL_WORDS, DenseMatrix, Factorization, QuantizedMatrix,
+                               SparseMatrix, SparseQuantizedMatrix, container_width)
 from ..graph import INT_TYPES, GraphEdit, node_key, float_tensor, int_tensor
 from .base import Context, Pass, WeightRecord
 from .canonicalize import node_attrs
@@ -101,10 +101,10 @@ class QdqEmitter:
                     scales = np.pad(scales, ((0, 0), (0, pad)), constant_values=1.0)
                     if zp is not None:
                         zp = np.pad(zp, ((0, 0), (0, pad)))
-            if store_bits == container_width(store_bits):
+            if m.levels is None and store_bits == container_width(store_bits):
                 codes_name = self.edit.add_initializer(int_tensor(f"{self.base}.{part}", codes, store_bits, m.symmetric))
             else:
-                codes_name = self.container_codes(part, codes, store_bits, m.symmetric)
+                codes_name = self.container_codes(part, codes, store_bits, m.symmetric, m.levels)
             inputs = [codes_name, self.scales(part, m, scales)]
             if zp is not None:
                 inputs.append(self.edit.add_initializer(int_tensor(f"{self.base}.{part}_zero_point", zp, store_bits, False)))
@@ -215,26 +215,70 @@ class QdqEmitter:
         return self._n("Reshape", [flat, self.const(f"{label}_shape", np.array(u.shape, np.int64), "int64")],
                        f"{label}_codes")
 
-    def container_codes(self, part: str, codes: np.ndarray, bits: int, signed: bool) -> str:
+    def container_codes(self, part: str, codes: np.ndarray, bits: int, signed: bool,
+                        levels: Optional[int] = None) -> str:
         """The INT4/UINT4 (INT8/UINT8 above 4 bits) tensor ``int_tensor`` would store for
-        ``codes``, rebuilt from a ``bits``-bit stream: signed codes are stored offset by
-        ``2^(bits-1)``."""
-        offset = 1 << (bits - 1) if signed else 0
+        ``codes``, rebuilt from a ``bits``-bit stream (or, with ``levels``, from words of three
+        codes): signed codes are stored offset by ``2^(bits-1)`` (``floor(levels / 2)``)."""
+        offset = (levels // 2 if levels else 1 << (bits - 1)) if signed else 0
         u = (codes.astype(np.int64) + offset).astype(np.uint8)
-        v = self.narrow_codes(part, u, bits)
+        v = self.level_codes(part, u, levels) if levels else self.narrow_codes(part, u, bits)
         if offset:
+            name = f"level{levels}_offset" if levels else f"code_offset{bits}"
             v = self._n("Sub", [self._n("Cast", [v], f"{part}_int8", to=onnx.TensorProto.INT8),
-                                self.edit.shared_const(f"code_offset{bits}", np.array(offset), "int8")], f"{part}_signed")
+                                self.edit.shared_const(name, np.array(offset), "int8")], f"{part}_signed")
         return self._n("Cast", [v], f"{part}_container", to=INT_TYPES[(container_width(bits), signed)])
 
-    def packed_codes(self, part: str, packed: np.ndarray, bits: int, cbits: int, delta: int) -> str:
+    def level_codes(self, label: str, u: np.ndarray, levels: int) -> str:
+        """A uint8 tensor of the unsigned codes ``u`` (any shape, values below ``levels``), stored
+        in words of three codes (``packing.level_words``): a word of up to 8 bits as a stream
+        at its width, a wider one as its low byte and a stream of its high bits.  Constant nodes
+        look each word's three codes up in a shared ``(L³, 3)`` table, which ONNX Runtime folds
+        when it creates the session.  When the last axis is a multiple of 3 the words keep the
+        leading axes; otherwise the codes are flattened and padded to whole words, then trimmed
+        and reshaped."""
+        w = LEVEL_WORDS[levels]
+        keep = u.ndim > 0 and u.shape[-1] % CODES_PER_WORD == 0
+        flat = u if keep else np.pad(u.reshape(-1), (0, (-u.size) % CODES_PER_WORD))
+        words = level_words(flat, levels)
+        if w == 8:
+            idx = self._n("Cast", [self.edit.add_initializer(numpy_helper.from_array(
+                words.astype(np.uint8), f"{self.base}.{label}_words"))], f"{label}_word_index", to=onnx.TensorProto.INT32)
+        elif w < 8:
+            idx = self._n("Cast", [self.narrow_codes(f"{label}_words", words.astype(np.uint8), w)],
+                          f"{label}_word_index", to=onnx.TensorProto.INT32)
+        else:
+            low = self.edit.add_initializer(numpy_helper.from_array((words & 255).astype(np.uint8),
+                                                                    f"{self.base}.{label}_words_low"))
+            high = self.narrow_codes(f"{label}_words_high", (words >> 8).astype(np.uint8), w - 8)
+            idx = self._n("Add", [self._n("Cast", [low], f"{label}_low_i32", to=onnx.TensorProto.INT32),
+                                  self._n("Mul", [self._n("Cast", [high], f"{label}_high_i32", to=onnx.TensorProto.INT32),
+                                                  self.edit.shared_const("word_high_weight", np.array(256), "int32")],
+                                          f"{label}_high_weighted")], f"{label}_word_index")
+        digits = self._n("Gather", [self.edit.shared_const(f"level{levels}_digits", level_digits(levels), "uint8"), idx],
+                         f"{label}_digits", axis=0)  # (..., words, 3)
+        if keep:
+            return self._n("Reshape", [digits, self.edit.shared_const(f"reshape_keep{u.ndim - 1}_join",
+                                                                       [0] * (u.ndim - 1) + [-1], "int64")],
+                           f"{label}_codes")
+        out = self._n("Reshape", [digits, self.edit.shared_const("reshape_flat", [-1], "int64")], f"{label}_flat")
+        if flat.size != u.size:
+            out = self._n("Slice", [out, self.edit.shared_const("slice_start", [0], "int64"),
+                                    self.const(f"{label}_count", np.array([u.size], np.int64), "int64")],
+                          f"{label}_trim")
+        return self._n("Reshape", [out, self.const(f"{label}_shape", np.array(u.shape, np.int64), "int64")],
+                       f"{label}_codes")
+
+    def packed_codes(self, part: str, packed: np.ndarray, bits: int, cbits: int, delta: int,
+                     levels: Optional[int] = None) -> str:
         """A uint8 tensor equal to ``packed`` (unsigned codes packed ``8 / cbits`` per byte along
-        its last axis, as ``pack_bits`` writes them), stored at ``bits`` per code: the codes
-        minus ``delta`` are streamed, and constant nodes add ``delta`` back and repack them."""
+        its last axis, as ``pack_bits`` writes them), stored at ``bits`` per code (or in words
+        of three ``levels``-level codes): the codes minus ``delta`` are stored, and constant
+        nodes add ``delta`` back and repack them."""
         per = 8 // cbits
         width = packed.shape[-1] * per
-        v = unpack_bits(packed, cbits, width).astype(np.int64) - delta
-        codes = self.narrow_codes(part, v.astype(np.uint8), bits)
+        v = (unpack_bits(packed, cbits, width).astype(np.int64) - delta).astype(np.uint8)
+        codes = self.level_codes(part, v, levels) if levels else self.narrow_codes(part, v, bits)
         if delta:
             codes = self._n("Add", [codes, self.edit.shared_const(f"code_delta{delta}", np.array(delta), "uint8")],
                             f"{part}_shift")
@@ -256,10 +300,11 @@ class QdqEmitter:
         rebuilt from ``m.bits``-bit codes when its container is wider.  Symmetric codes sit at
         ``2^(c-1)`` in a ``c``-bit container and are streamed offset by ``2^(bits-1)``."""
         cbits = container_width(m.bits)
-        if m.bits == cbits:
+        if m.levels is None and m.bits == cbits:
             return self.edit.add_initializer(numpy_helper.from_array(B, f"{self.base}.{part}_nbits"))
-        delta = (1 << (cbits - 1)) - (1 << (m.bits - 1)) if m.symmetric else 0
-        return self.packed_codes(f"{part}_nbits", B, m.bits, cbits, delta)
+        half = m.levels // 2 if m.levels else 1 << (m.bits - 1)
+        delta = (1 << (cbits - 1)) - half if m.symmetric else 0
+        return self.packed_codes(f"{part}_nbits", B, m.bits, cbits, delta, m.levels)
 
     def sparse_factor(self, part: str, m: SparseQuantizedMatrix, transpose: bool) -> str:
         """A factor with ``k`` stored entries per column: the stored values are dequantized as a
@@ -472,17 +517,34 @@ def unpack_stream_nodes(n, const, x: str, bits: int, label: str) -> str:
     return n("BitwiseAnd", [joined, const(f"code_mask{bits}", np.array((1 << bits) - 1), "uint8")], f"{label}_codes8")
 
 
-def shared_decode_bytes(widths) -> int:
+def level_decoders(levels: int) -> set[tuple[str, int]]:
+    """The shared decoders codes of ``levels`` values in words of three use (see
+    ``QdqEmitter.level_codes``): their digit table, and the stream of the words (or of their
+    high bits)."""
+    w = LEVEL_WORDS[levels]
+    out = {("levels", levels)}
+    if w != 8:
+        out.add(("stream", w if w < 8 else w - 8))
+    return out
+
+
+def shared_decode_bytes(decoders) -> int:
     """An upper bound on the bytes of the constants every weight shares (``GraphEdit.shared_const``)
-    once codes of the given stream widths are decoded: the planner keeps them out of the budget."""
-    widths = sorted(set(widths))
-    if not widths:
+    once codes are decoded by the given decoders (``("stream", width)``, ``("levels", L)``, as
+    ``LayerChoice.decoders`` lists them): the planner keeps them out of the budget."""
+    decoders = sorted(set(decoders))
+    if not decoders:
         return 0
     edit = GraphEdit(helper.make_model(helper.make_graph([], "decode", [], [])))
     n = _node_maker(edit, "x", [])
-    for b in widths:
-        unpack_stream_nodes(n, edit.shared_const, "x", b, f"s{b}")
-        edit.shared_const(f"code_offset{b}", np.array(1), "int8")
+    for kind, v in decoders:
+        if kind == "stream":
+            unpack_stream_nodes(n, edit.shared_const, "x", v, f"s{v}")
+            edit.shared_const(f"code_offset{v}", np.array(1), "int8")
+        else:
+            edit.shared_const(f"level{v}_digits", level_digits(v), "uint8")
+            edit.shared_const(f"level{v}_offset", np.array(1), "int8")
+            edit.shared_const("word_high_weight", np.array(256), "int32")
     for rank in (1, 2, 3):
         edit.shared_const(f"reshape_keep{rank}_join", [0] * rank + [-1], "int64")
     for name in ("reshape_flat", "slice_start", "axes_last", "axes_first"):
