@@ -182,3 +182,18 @@ def test_budget_holds_the_shared_digit_tables(bpw):
     t = res.report.totals
     assert t["compressed_bytes_after"] == sum(l["bytes_after"] for l in res.report.layers)
     assert t["bits_per_weight"] <= bpw
+
+
+def test_levels_without_a_budget_spend_what_their_codes_take(tmp_path):
+    # The planner (method auto) spends what round-to-nearest with the asked alphabet would.
+    model = matmul_model(256, 96)
+    res = qsdonnx.optimize(model, levels=10, block_size=32, progress=False, min_elements=16, validate=False,
+                           rotate=False)
+    [layer] = res.report.layers
+    assert layer["bytes_after"] <= rtn_bytes(256, 96, 10) + shared_decode_bytes(level_decoders(10))
+    assert layer["bpw"] < 4.0
+
+
+def rtn_bytes(K: int, N: int, levels: int) -> int:
+    from qsdonnx.factorize.budget import rtn_nbytes
+    return rtn_nbytes(K, N, level_bits(levels), 32, False, "float16", levels)

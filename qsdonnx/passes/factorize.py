@@ -210,7 +210,7 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
         def setting(b: int) -> LayerChoice:
             if method == "vq":
                 return vq_setting(K, b)
-            return LayerChoice(method, b, block, levels=levels if b == bits else None)
+            return LayerChoice(method, b, block, levels=levels)
 
         if budget_bytes is not None and not (ov and ov.bits) and levels is None:
             fitting = [b for b in (8, 4, 3, 2) if (method != "vq" or b in VQ_CODE_BITS)
@@ -370,7 +370,7 @@ def candidate_choices(rec: WeightRecord, cfg: OptimizeConfig, has_h: bool) -> li
     K, N = rec.matrix_shape
     ov = cfg.override_for(rec.name)
     method = ov.method if ov and ov.method else cfg.method
-    if ov and (ov.bits or ov.rank):
+    if ov and (ov.bits or ov.levels or ov.rank):
         choice, _ = uniform_choice(rec, cfg)
         return [choice] if choice else []
     blocks = sorted({effective_block(b, K) for b in PLAN_BLOCKS + (cfg.block_size,)})
@@ -587,7 +587,9 @@ class GlobalPlanPass(Pass):
         if cfg.bits_per_weight is not None:
             budget = cfg.bits_per_weight * self.numel / 8.0
         else:
-            budget = sum(LayerChoice("rtn", cfg.bits, effective_block(cfg.block_size, r.matrix_shape[0]))
+            # Without a budget, what round-to-nearest at --bits (or --levels) would spend.
+            bits = level_bits(cfg.levels) if cfg.levels else cfg.bits
+            budget = sum(LayerChoice("rtn", bits, effective_block(cfg.block_size, r.matrix_shape[0]), levels=cfg.levels)
                          .nbytes(*r.matrix_shape, cfg) for r in kept)
         cheapest = sum(min(c.nbytes for c in cands) for cands in options) + ctx.rotation.get("bytes", 0)
         if cheapest > budget:
