@@ -76,7 +76,7 @@ def cli(verbose: int) -> None:
 @click.option("--calib", type=click.Path(exists=False, path_type=Path), default=None,
               help="Calibration data: .npz named after graph inputs (first axis = samples) or a directory of them.")
 @click.option("--calib-batch", type=int, default=8, show_default=True, help="Samples per calibration run.")
-@click.option("--calib-samples", type=int, default=128, show_default=True, help="Most samples to use.")
+@click.option("--calib-samples", type=int, default=256, show_default=True, help="Most samples to use.")
 @click.option("--calib-mask", default="auto", show_default=True, metavar="INPUT|auto|none",
               help="0/1 input (batch, sequence) marking real tokens: calibration skips padded positions. "
                    "auto: an input named attention_mask or input_mask.")

@@ -75,7 +75,7 @@ class OptimizeConfig:
     # calibration
     calib: Optional[Path] = None
     calib_batch: int = 8
-    calib_samples: int = 128
+    calib_samples: int = 256
     calib_mask: str = "auto"  # input marking real tokens (auto: attention_mask / input_mask), or none
     tune_epochs: Optional[int] = None  # end-to-end tuning (passes.tune); None: TUNE_EPOCHS with --calib, else 0
     # validation
