@@ -129,7 +129,14 @@ def _record(view: str) -> WeightRecord:
                         view=view, matrix_shape=shape[::-1] if view == "embedding" else shape)
 
 
-def test_planner_offers_levels_to_linear_layers_not_to_tables():
+def test_planner_offers_levels_only_when_listed_and_never_to_tables(monkeypatch):
+    import qsdonnx.passes.factorize as fz
+
+    linear = candidate_choices(_record("matmul"), OptimizeConfig(bits_per_weight=3), True)
+    assert {c.levels for c in linear} == {None}  # not offered by default (see PLAN_LEVELS)
+    asked = candidate_choices(_record("matmul"), OptimizeConfig(bits_per_weight=3, levels=12), True)
+    assert {c.levels for c in asked} == {None, 12}
+    monkeypatch.setattr(fz, "PLAN_LEVELS", tuple(LEVELS))
     linear = candidate_choices(_record("matmul"), OptimizeConfig(bits_per_weight=3), True)
     assert {c.levels for c in linear} == {None, *LEVELS}
     assert all(c.method == "gptq" for c in linear if c.levels)
@@ -167,7 +174,10 @@ def test_bad_levels_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.parametrize("bpw", [2.5, 3.4, 3.9])
-def test_budget_holds_the_shared_digit_tables(bpw):
+def test_budget_holds_the_shared_digit_tables(bpw, monkeypatch):
+    import qsdonnx.passes.factorize as fz
+
+    monkeypatch.setattr(fz, "PLAN_LEVELS", tuple(LEVELS))
     # On a small model the digit table of an alphabet (up to 5 KiB) costs more than its codes
     # save: the plan sets the tables it uses aside, and the total stays within the budget.
     rng = np.random.default_rng(3)
@@ -186,12 +196,12 @@ def test_budget_holds_the_shared_digit_tables(bpw):
 
 def test_levels_without_a_budget_spend_what_their_codes_take(tmp_path):
     # The planner (method auto) spends what round-to-nearest with the asked alphabet would.
-    model = matmul_model(256, 96)
+    model = matmul_model(768, 384)  # large enough that the digit table pays for itself
     res = qsdonnx.optimize(model, levels=10, block_size=32, progress=False, min_elements=16, validate=False,
                            rotate=False)
     [layer] = res.report.layers
-    assert layer["bytes_after"] <= rtn_bytes(256, 96, 10) + shared_decode_bytes(level_decoders(10))
-    assert layer["bpw"] < 4.0
+    assert layer["bytes_after"] <= rtn_bytes(768, 384, 10) + shared_decode_bytes(level_decoders(10))
+    assert layer["levels"] == 10 and layer["bpw"] < 4.0
 
 
 def rtn_bytes(K: int, N: int, levels: int) -> int:
