@@ -205,7 +205,22 @@ def build_ops(cuda, verbose) -> None:
 
 
 def main() -> None:
-    cli(prog_name="qsdonnx")
+    """The console script: a bad option or argument is one ``error:`` line and exit code 2."""
+    try:
+        cli.main(prog_name="qsdonnx", standalone_mode=False)
+    except click.UsageError as exc:
+        message = exc.format_message()
+        if message.startswith("Usage:"):  # called with no arguments at all: the help
+            click.echo(message, err=True)
+            sys.exit(2)
+        click.echo(f"error: {message.splitlines()[0]}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message().splitlines()[0]}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

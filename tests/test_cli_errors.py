@@ -459,3 +459,27 @@ def test_calib_mask_not_an_input(outdir, model_path):
 def test_pq_with_three_bits(outdir, model_path):
     r = invoke("optimize", model_path, "-o", outdir / "o.onnx", "--method", "pq", "--bits", "3")
     assert_failed_cleanly(r, outdir, {model_path: sha256(model_path)}, 2, "pq")
+
+
+@pytest.mark.parametrize("module", [True, False])
+@pytest.mark.parametrize("args, needle", [
+    (["--levels", "7"], "'--levels'"),
+    (["--method", "bogus"], "'--method'"),
+    (["--bits", "x"], "'--bits'"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_option_is_one_error_line_real_process(tmp_path, outdir, model_path, module, args, needle):
+    before = sha256(model_path)
+    out = outdir / "m.onnx"
+    proc = run_process("optimize", model_path, "-o", out, *args, module=module)
+    assert proc.returncode == 2
+    assert needle in error_line(proc.stderr)
+    assert proc.stdout == ""
+    assert not out.exists() and list(outdir.iterdir()) == []
+    assert sha256(model_path) == before
+
+
+def test_missing_output_option_real_process(model_path):
+    proc = run_process("optimize", model_path)
+    assert proc.returncode == 2
+    assert "'-o' / '--output'" in error_line(proc.stderr)
