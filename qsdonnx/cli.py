@@ -208,15 +208,10 @@ def main() -> None:
     """The console script: a bad option or argument is one ``error:`` line and exit code 2."""
     try:
         cli.main(prog_name="qsdonnx", standalone_mode=False)
-    except click.UsageError as exc:
+    except click.ClickException as exc:  # usage errors exit with 2
         message = exc.format_message()
-        if message.startswith("Usage:"):  # called with no arguments at all: the help
-            click.echo(message, err=True)
-            sys.exit(2)
-        click.echo(f"error: {message.splitlines()[0]}", err=True)
-        sys.exit(2)
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message().splitlines()[0]}", err=True)
+        # Called with no arguments at all, the message is the help itself.
+        click.echo(message if message.startswith("Usage:") else f"error: {message.splitlines()[0]}", err=True)
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo("error: aborted", err=True)
