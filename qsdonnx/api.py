@@ -10,12 +10,13 @@ from typing import Optional, Union
 import onnx
 
 from .config import DATA_AWARE_METHODS, OptimizeConfig
-from .errors import ConfigError, OutputError, ValidationFailed
-from .passes.base import Context, WeightRecord
+from .errors import ConfigError, NothingToCompress, OutputError, ValidationFailed
+from .passes.aliases import FoldWeightAliasesPass
+from .passes.base import Context, WeightRecord, stage
 from .passes.bias import BiasCorrectionPass
-from .passes.canonicalize import FindWeightsPass
+from .passes.canonicalize import QUANTIZED_OPS, FindWeightsPass
 from .passes.factorize import FactorizeWeightsPass, GlobalPlanPass, PlanPass
-from .passes.load import LiftConstantsPass, LoadPass, load_model
+from .passes.load import LoadPass, load_model
 from .passes.lower_qdq import LowerQdqPass, required_opset
 from .passes.tune import TunePass
 from .passes.save import PrepareOpsetPass, check_output_path, save_model
@@ -42,8 +43,40 @@ def _context(model: ModelLike, cfg: OptimizeConfig) -> Context:
         proto, external = load_model(path)
     ctx = Context(config=cfg, model=proto, input_path=path, base_dir=path.parent if path else None)
     ctx.external = external
+    # External data is not loaded, so for large models this copies only the graph.
     ctx.original = copy.deepcopy(proto)
     return ctx
+
+
+def _front(ctx: Context) -> None:
+    for p in (LoadPass(), FoldWeightAliasesPass(), FindWeightsPass()):
+        p(ctx)
+
+
+def nothing_to_compress(ctx: Context) -> str:
+    """Why a model has no candidate weight, in one line."""
+    quantized: dict[str, int] = {}
+    for n in ctx.model.graph.node:
+        if n.op_type in QUANTIZED_OPS:
+            quantized[n.op_type] = quantized.get(n.op_type, 0) + 1
+    reasons: dict[str, int] = {}
+    for r in ctx.records:
+        key = r.reason
+        reasons[key] = reasons.get(key, 0) + 1
+    rest = "; ".join(f"{v}x {k}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    if quantized:
+        what = ", ".join(f"{v} {k}" for k, v in sorted(quantized.items(), key=lambda kv: -kv[1]))
+        return f"its weights are already quantized: {what} nodes" + (f" (float weights: {rest})" if rest else "")
+    if not ctx.records:
+        return "it has no constant MatMul, Gemm, Conv, Gather or LSTM/GRU/RNN weight"
+    return f"none of its {len(ctx.records)} weights can be compressed ({rest})"
+
+
+def calibrates(cfg: OptimizeConfig) -> bool:
+    """Whether the run measures activations: with --calib data, or when a data-aware method was
+    asked for by name (it then runs on generated inputs, with a warning).  The default without
+    data is data-free: nothing is fitted to generated inputs."""
+    return cfg.calib is not None or cfg.method in DATA_AWARE_METHODS
 
 
 def _lowering(cfg: OptimizeConfig):
@@ -84,16 +117,23 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         check_output_path(Path(output), in_path)
     if cfg.report is not None:
         check_output_path(Path(cfg.report), in_path, what="report")
-    ctx = _context(model, cfg)
-    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass()):
-        p(ctx)
-    if cfg.calib is not None or cfg.method in DATA_AWARE_METHODS + ("auto",):
+    with stage("load"):
+        ctx = _context(model, cfg)
+    _front(ctx)
+    if not ctx.candidates():
+        raise NothingToCompress(f"nothing to compress: {nothing_to_compress(ctx)}; no output written")
+    if calibrates(cfg):
         from .passes.calibrate import CalibratePass
         CalibratePass()(ctx)
         if cfg.rotate:
             from .passes.rotate import RotateInputsPass
             RotateInputsPass()(ctx)
-    planner = GlobalPlanPass() if (cfg.method == "auto" or cfg.bits_per_weight is not None) else PlanPass()
+    elif cfg.sensitivity and cfg.bits_per_weight is not None:
+        ctx.notes.append("no --calib data: the plan weighs per-layer weight errors only (no sensitivity on "
+                         "generated inputs)")
+    # The global plan needs a budget; "auto" without data or budget is round-to-nearest at --bits.
+    global_plan = cfg.bits_per_weight is not None or (cfg.method == "auto" and ctx.calibration)
+    planner = GlobalPlanPass() if global_plan else PlanPass()
     for p in (planner, FactorizeWeightsPass()):
         p(ctx)
     before_lowering = copy.deepcopy(ctx.model)
@@ -129,7 +169,8 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     if output is not None:
         import time
         t = time.perf_counter()
-        size = save_model(ctx.model, Path(output))
+        with stage("save"):
+            size = save_model(ctx.model, Path(output), base_dir=ctx.base_dir, external_data=cfg.external_data)
         ctx.timings["save"] = time.perf_counter() - t
     report = Report.from_context(ctx, size)
     if cfg.report is not None:
@@ -142,9 +183,9 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
 
 def inspect(model: ModelLike, config: Optional[OptimizeConfig] = None) -> list[WeightRecord]:
     """Every candidate weight: op, shape, size, where it lives, and what would be skipped and why."""
-    ctx = _context(model, config or OptimizeConfig(validate=False))
-    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass()):
-        p(ctx)
+    with stage("load"):
+        ctx = _context(model, config or OptimizeConfig(validate=False))
+    _front(ctx)
     return ctx.records
 
 

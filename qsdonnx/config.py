@@ -86,6 +86,7 @@ class OptimizeConfig:
     max_rel_error: Optional[float] = None
     keep_on_fail: bool = False
     report: Optional[Path] = None
+    external_data: Optional[bool] = None  # tensors to <output>.data: None = when above 2 GB
     seed: int = 0
     accuracy_level: int = 0
     progress: bool = True

@@ -27,3 +27,16 @@ class ValidationFailed(QsdError):
     """The compressed model misses the accuracy the user asked for."""
 
     exit_code = 3
+
+
+class NothingToCompress(QsdError):
+    """The model has no weight qsdonnx can compress; nothing is written."""
+
+    exit_code = 4
+
+
+class StageFailed(QsdError):
+    """An unexpected failure inside one stage of the pipeline (a bug, or an input the stage
+    does not handle); the message names the stage and the cause, ``-v`` shows the traceback."""
+
+    exit_code = 1

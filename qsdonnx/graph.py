@@ -42,10 +42,10 @@ def float_tensor(name: str, values: np.ndarray, dtype: str) -> onnx.TensorProto:
 
 
 def tensor_nbytes(t: onnx.TensorProto) -> int:
-    """Bytes of a tensor's payload as stored in the file."""
-    if t.raw_data:
-        return len(t.raw_data)
-    return numpy_helper.to_array(t).nbytes
+    """Bytes of a tensor's payload as stored in the file (external data is not read)."""
+    from .store import tensor_nbytes as stored_nbytes
+
+    return stored_nbytes(t)
 
 
 def node_key(node: onnx.NodeProto) -> str:
@@ -60,8 +60,9 @@ class GraphEdit:
     when that name is already taken.
     """
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir=None):
         self.model = model
+        self.base_dir = base_dir  # where the model's external data lives (qsdonnx.store)
         self.graph = model.graph
         self.taken: set[str] = set()
         for t in self.graph.initializer:
@@ -80,6 +81,12 @@ class GraphEdit:
         self.index = {node_key(n): i for i, n in enumerate(self.graph.node)}
         self.removed_weights: set[str] = set()
         self.shared: dict = {}  # small constants reused by every weight, by value (shared_const)
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The values of one of the model's tensors (external data read from ``base_dir``)."""
+        from .store import tensor_array
+
+        return tensor_array(tensor, self.base_dir)
 
     def unique(self, base: str) -> str:
         name, k = base, 1

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import onnx
 
 from .buildops import LIBRARY_NAME, find_ops_library
@@ -163,8 +164,13 @@ def session(
     graph_optimization_level: Any = None,
     intra_op_num_threads: int | None = None,
     accuracy_level_float: bool = True,
+    base_dir: Any = None,
 ):
     """Create an ``onnxruntime.InferenceSession`` for a model file, bytes or ModelProto.
+
+    A ModelProto whose initializers are in external data (loaded without it) gets those
+    tensors from ``base_dir`` (the folder of the file they came from) as memory-mapped buffers,
+    so the weights are neither copied into the protobuf nor serialized.
 
     ``providers`` defaults to ``["CPUExecutionProvider"]``. The qsdonnx custom-op
     library is registered when the model uses the ``qsdonnx`` domain.
@@ -184,6 +190,13 @@ def session(
     if providers is None:
         providers = ["CPUExecutionProvider"]
     if isinstance(path_or_bytes, onnx.ModelProto):
+        from .store import is_external, tensor_array
+
+        external = [t for t in path_or_bytes.graph.initializer if is_external(t)]
+        if external:
+            values = [tensor_array(t, base_dir) for t in external]
+            so.add_external_initializers([t.name for t in external],
+                                         [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in values])
         source: Any = path_or_bytes.SerializeToString()
     elif isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         source = bytes(path_or_bytes)

@@ -191,8 +191,9 @@ def test_non_finite_weight(tmp_path, outdir, bad):
     W[100, 2] = bad
     path = save(matmul_model(weight=W), tmp_path / "bad.onnx")
     r = invoke("optimize", path, "-o", outdir / "o.onnx")
-    line = assert_failed_cleanly(r, outdir, {path: sha256(path)}, 2, "'W'", "NaN/Inf")
-    assert "2 " in line  # how many
+    # The one weight is skipped with its reason; with nothing left, exit 4 and nothing written.
+    line = assert_failed_cleanly(r, outdir, {path: sha256(path)}, 4, "nothing to compress", "NaN/Inf")
+    assert "holds 2 " in line  # how many
 
 
 def test_bad_regex_and_block_size(outdir, model_path):
@@ -333,9 +334,7 @@ def test_min_elements_flag(tmp_path, outdir):
     report = outdir / "r.json"
     r = invoke("optimize", path, "-o", outdir / "q2.onnx", "--method", "rtn", "--min-elements", "10000",
                "--report", report)
-    assert r.exit_code == 0
-    [layer] = json.loads(report.read_text())["layers"]
-    assert layer["status"] == "skipped" and "10000" in layer["reason"]
+    assert_failed_cleanly(r, outdir, {path: sha256(path)}, 4, "nothing to compress", "10000")
 
 
 # ---------------------------------------------------------------------------------------------

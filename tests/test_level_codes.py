@@ -22,7 +22,8 @@ from qsdonnx.passes.base import WeightRecord
 from qsdonnx.passes.calibrate import CalibratePass
 from qsdonnx.passes.canonicalize import FindWeightsPass
 from qsdonnx.passes.factorize import FactorizeWeightsPass, PlanPass, candidate_choices
-from qsdonnx.passes.load import LiftConstantsPass, LoadPass
+from qsdonnx.passes.aliases import FoldWeightAliasesPass
+from qsdonnx.passes.load import LoadPass
 from qsdonnx.passes.lower_qdq import level_decoders, shared_decode_bytes
 from qsdonnx.runtime import session
 
@@ -55,7 +56,7 @@ def options(levels: int, symmetric: bool) -> dict:
 def rebuilt(model: onnx.ModelProto, **opts):
     """``model`` with W replaced by the weight its factorization rebuilds, and the factorization."""
     ctx = _context(model, OptimizeConfig(**opts))
-    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass(), CalibratePass(), PlanPass(), FactorizeWeightsPass()):
+    for p in (LoadPass(), FoldWeightAliasesPass(), FindWeightsPass(), CalibratePass(), PlanPass(), FactorizeWeightsPass()):
         p(ctx)
     f = ctx.factorizations["W"]
     out = onnx.ModelProto()

@@ -125,7 +125,8 @@ def test_method_qsd_at_fixed_bits_codes_sub_vectors(make, bits):
     from qsdonnx.passes.calibrate import CalibratePass
     from qsdonnx.passes.canonicalize import FindWeightsPass
     from qsdonnx.passes.factorize import FactorizeWeightsPass, PlanPass
-    from qsdonnx.passes.load import LiftConstantsPass, LoadPass
+    from qsdonnx.passes.aliases import FoldWeightAliasesPass
+from qsdonnx.passes.load import LoadPass
 
     model = make()
     cfg = dict(method="qsd", bits=bits, progress=False, min_elements=16, rotate=False)
@@ -135,7 +136,7 @@ def test_method_qsd_at_fixed_bits_codes_sub_vectors(make, bits):
     assert (layer["method"], layer["block_size"], layer["atoms"], layer["bits"]) == ("qsd", dim, atoms, coef)
     # the same pipeline up to the factorization gives the weight the graph must compute with
     ctx = _context(model, OptimizeConfig(**cfg))
-    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass(), CalibratePass(), PlanPass(),
+    for p in (LoadPass(), FoldWeightAliasesPass(), FindWeightsPass(), CalibratePass(), PlanPass(),
               FactorizeWeightsPass()):
         p(ctx)
     What = ctx.factorizations["W"].dense()

@@ -14,7 +14,8 @@ from qsdonnx.config import OptimizeConfig
 from qsdonnx.factorize.rotation import random_orthogonal, rotate_input
 from qsdonnx.passes.calibrate import CalibratePass
 from qsdonnx.passes.canonicalize import FindWeightsPass
-from qsdonnx.passes.load import LiftConstantsPass, LoadPass
+from qsdonnx.passes.aliases import FoldWeightAliasesPass
+from qsdonnx.passes.load import LoadPass
 from qsdonnx.passes.rotate import RotateInputsPass
 from conftest import make_model, rel_l2, run_model, save
 
@@ -53,7 +54,7 @@ def calib(tmp_path_factory):
 def rotated_context(calib, **kw):
     cfg = OptimizeConfig(calib=calib / "calib.npz", method="gptq", min_elements=256, progress=False, **kw)
     ctx = _context(model(), cfg)
-    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass(), CalibratePass(), RotateInputsPass()):
+    for p in (LoadPass(), FoldWeightAliasesPass(), FindWeightsPass(), CalibratePass(), RotateInputsPass()):
         p(ctx)
     return ctx
 

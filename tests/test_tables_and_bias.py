@@ -175,10 +175,11 @@ def _calibrate(model, calib, **cfg):
     from qsdonnx.config import OptimizeConfig
     from qsdonnx.passes.calibrate import CalibratePass
     from qsdonnx.passes.canonicalize import FindWeightsPass
-    from qsdonnx.passes.load import LiftConstantsPass, LoadPass
+    from qsdonnx.passes.aliases import FoldWeightAliasesPass
+from qsdonnx.passes.load import LoadPass
 
     ctx = _context(model, OptimizeConfig(calib=calib, progress=False, min_elements=16, **cfg))
-    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass(), CalibratePass()):
+    for p in (LoadPass(), FoldWeightAliasesPass(), FindWeightsPass(), CalibratePass()):
         p(ctx)
     return ctx
 

@@ -17,7 +17,8 @@ from qsdonnx.factorize.vq import VectorQuantizedMatrix
 from qsdonnx.passes.calibrate import CalibratePass
 from qsdonnx.passes.canonicalize import FindWeightsPass
 from qsdonnx.passes.factorize import FactorizeWeightsPass, PlanPass
-from qsdonnx.passes.load import LiftConstantsPass, LoadPass
+from qsdonnx.passes.aliases import FoldWeightAliasesPass
+from qsdonnx.passes.load import LoadPass
 from qsdonnx.runtime import session
 
 from conftest import conv3x3_model as conv_model
@@ -36,7 +37,7 @@ def matmul_model(K=128, N=40) -> onnx.ModelProto:
 def rebuilt(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
     """``model`` with W replaced by the weight its vector-code factorization rebuilds."""
     ctx = _context(model, OptimizeConfig(method="vq", bits=bits, progress=False, min_elements=16))
-    for p in (LoadPass(), LiftConstantsPass(), FindWeightsPass(), CalibratePass(), PlanPass(), FactorizeWeightsPass()):
+    for p in (LoadPass(), FoldWeightAliasesPass(), FindWeightsPass(), CalibratePass(), PlanPass(), FactorizeWeightsPass()):
         p(ctx)
     f = ctx.factorizations["W"]
     assert isinstance(f.q, VectorQuantizedMatrix)

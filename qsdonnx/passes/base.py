@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import numpy as np
 import onnx
 
 from ..config import OptimizeConfig
+from ..errors import QsdError, StageFailed
 
 log = logging.getLogger("qsdonnx")
 
@@ -25,12 +27,12 @@ class WeightRecord:
     """
 
     name: str
-    op: str  # MatMul | Gemm | Conv | Gather
+    op: str  # MatMul | Gemm | Conv | Gather | LSTM | GRU | RNN
     nodes: list[str]
     shape: tuple[int, ...]
     dtype: str  # numpy name of the weight's float type
-    location: str  # initializer | constant-node | external-data
-    view: str = ""  # matmul | gemm | conv | conv-grouped | embedding
+    location: str  # initializer | constant-node | external-data (+ how it was folded)
+    view: str = ""  # matmul | gemm | conv | conv-grouped | embedding | recurrent
     matrix_shape: tuple[int, int] = (0, 0)
     status: str = "candidate"  # candidate | compressed | skipped
     reason: str = ""
@@ -84,6 +86,13 @@ class Context:
     rotation: dict = field(default_factory=dict)  # inputs rotated before quantization (passes.rotate)
     lifted: set = field(default_factory=set)  # weights that were Constant nodes
     external: set = field(default_factory=set)  # weights that were in external data
+    folded: dict = field(default_factory=dict)  # weights computed from a constant subgraph: the ops
+
+    def weight_array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """A tensor's values, read from the protobuf or its (memory-mapped) external data."""
+        from ..store import tensor_array
+
+        return tensor_array(tensor, self.base_dir)
 
     def record(self, name: str) -> WeightRecord:
         for r in self.records:
@@ -93,6 +102,19 @@ class Context:
 
     def candidates(self) -> list[WeightRecord]:
         return [r for r in self.records if r.status == "candidate"]
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Turns any exception other than a ``QsdError`` into one ``StageFailed`` naming the stage."""
+    try:
+        yield
+    except QsdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every unexpected failure becomes one error line
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise StageFailed(f"{name} failed: {type(exc).__name__}{': ' + msg if msg else ''} "
+                          f"(run with -v for the traceback)") from exc
 
 
 class Pass(abc.ABC):
@@ -106,7 +128,8 @@ class Pass(abc.ABC):
 
     def __call__(self, ctx: Context) -> str:
         start = time.perf_counter()
-        summary = self.run(ctx)
+        with stage(self.name):
+            summary = self.run(ctx)
         ctx.timings[self.name] = ctx.timings.get(self.name, 0.0) + time.perf_counter() - start
         log.info("%s: %s", self.name, summary)
         return summary

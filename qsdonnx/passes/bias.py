@@ -110,7 +110,7 @@ class BiasCorrectionPass(Pass):
             delta = np.asarray(stats["mean"], np.float64) @ (W - f.dense().astype(np.float64))
             for init_name, factor in slots:
                 t = inits[init_name]
-                b = numpy_helper.to_array(t)
+                b = ctx.weight_array(t)
                 nb = (b.astype(np.float64) + factor * delta.reshape(b.shape)).astype(b.dtype)
                 t.CopyFrom(numpy_helper.from_array(nb, init_name))
             rec.extra["bias_corrected"] = True

@@ -161,7 +161,7 @@ class CalibratePass(Pass):
                 rec_dtype = targets[name][0][1].dtype
                 t = onnx.TensorProto.FLOAT16 if rec_dtype == "float16" else onnx.TensorProto.FLOAT
                 model.graph.output.append(onnx.helper.make_tensor_value_info(name, t, None))
-        sess = session(model)
+        sess = session(model, base_dir=ctx.base_dir)
         names = list(targets)
         accs: dict[str, HessianAccumulator] = {}
         # With CALDERA, every other batch is also summed on its own: the planner fits its

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import MutableMapping
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from ..errors import InputError
 from ..graph import node_key
+from .aliases import RECURRENT_OPS, WEIGHT_SLOTS
 from .base import Context, Pass, WeightRecord
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.BFLOAT16: "bfloat16"}
+QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLinear",
+                 "MatMulNBits", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul", "QGemm")
 SUBGRAPH_OPS = {"If", "Loop", "Scan"}
 
 
@@ -52,6 +55,9 @@ def matrix_view(op: str, weight: np.ndarray, attrs: dict) -> tuple[str, np.ndarr
         return view, weight.reshape(weight.shape[0], -1).T
     if op == "Gather":
         return "embedding", weight.T
+    if op in RECURRENT_OPS:
+        # (directions, gates·hidden, inputs): each gate row reads the input (or the hidden state).
+        return "recurrent", weight.reshape(-1, weight.shape[-1]).T
     raise ValueError(op)
 
 
@@ -67,14 +73,66 @@ def weight_from_matrix(op: str, matrix: np.ndarray, shape: tuple[int, ...], attr
         return matrix.T.reshape(shape)
     if op == "Gather":
         return matrix.T
+    if op in RECURRENT_OPS:
+        return matrix.T.reshape(shape)
     raise ValueError(op)
 
 
+class WeightMatrices(MutableMapping):
+    """``name -> (K, N)`` float32 matrix of every candidate weight, read from the model's
+    initializer (or its memory-mapped external data) each time it is asked for and not kept:
+    only weights a pass replaced (``ctx.weights[name] = W``, e.g. rotated ones) are held."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.views: dict[str, tuple[str, dict]] = {}  # name -> (op, attrs) of its matrix view
+        self.held: dict[str, np.ndarray] = {}
+
+    def register(self, name: str, op: str, attrs: dict) -> None:
+        self.views[name] = (op, attrs)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.held:
+            return self.held[name]
+        if name not in self.views:
+            raise KeyError(name)
+        tensor = next((t for t in self.ctx.model.graph.initializer if t.name == name), None)
+        if tensor is None:
+            raise KeyError(f"{name} (no longer in the model)")
+        op, attrs = self.views[name]
+        _, matrix = matrix_view(op, self.ctx.weight_array(tensor), attrs)
+        return np.array(matrix, dtype=np.float32, order="C")
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self.held[name] = value
+        self.views.setdefault(name, ("MatMul", {}))
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self.views:
+            raise KeyError(name)
+        self.views.pop(name)
+        self.held.pop(name, None)
+
+    def pop(self, name: str, default=None):
+        """Forgets a weight without reading it."""
+        if name not in self.views:
+            return default
+        self.views.pop(name)
+        return self.held.pop(name, default)
+
+    def __iter__(self):
+        return iter(list(self.views))
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+
 class FindWeightsPass(Pass):
-    """Creates one ``WeightRecord`` per constant weight of MatMul, Gemm, Conv and Gather.
+    """Creates one ``WeightRecord`` per constant weight of MatMul, Gemm, Conv, Gather and the
+    recurrent ops (LSTM, GRU, RNN: their ``W`` and ``R``).
 
     A weight shared by several nodes of the same kind is compressed once and reused; anything
-    that cannot be compressed is recorded as skipped with the reason.
+    that cannot be compressed is recorded as skipped with the reason, and the model goes on.
     """
 
     name = "find-weights"
@@ -99,85 +157,94 @@ class FindWeightsPass(Pass):
                     for sub, _ in _walk_subgraph_nodes(g, owner):
                         for name in sub.input:
                             subgraph_uses.setdefault(name, owner)
-                        if sub.op_type in ("MatMul", "Gemm", "Conv", "Gather"):
+                        if sub.op_type in WEIGHT_SLOTS:
                             sub_candidates.append((sub, owner))
 
+        weights = ctx.weights if isinstance(ctx.weights, WeightMatrices) else WeightMatrices(ctx)
+        ctx.weights = weights
         records: dict[str, WeightRecord] = {}
         for node in graph.node:
             op = node.op_type
-            if op not in ("MatMul", "Gemm", "Conv", "Gather") or node.domain not in ("", "ai.onnx"):
+            if op not in WEIGHT_SLOTS or node.domain not in ("", "ai.onnx"):
                 continue
-            widx = 0 if op == "Gather" else 1
-            if len(node.input) <= widx:
-                continue
-            wname = node.input[widx]
-            if wname not in inits:
-                continue
-            tensor = inits[wname]
             attrs = node_attrs(node)
             node_name = node_key(node)
-            rec = records.get(wname)
-            if rec is not None:
-                rec.nodes.append(node_name)
-                if rec.op != op or rec.extra.get("attrs_key") != _attrs_key(op, attrs):
-                    rec.skip(f"shared by nodes that need different rewrites ({rec.op} and {op})")
-                continue
-            location = "constant-node" if wname in ctx.lifted else (
-                "external-data" if wname in ctx.external else "initializer")
-            if wname in graph_inputs:
-                # Old exporters (IR < 4) list every initializer as an input too; the weight is
-                # treated as the constant it is, and the rewritten model no longer lists it.
-                location += " (also listed as a graph input)"
-            dims = tuple(int(d) for d in tensor.dims)
-            rec = WeightRecord(name=wname, op=op, nodes=[node_name], shape=dims,
-                               dtype=FLOAT_TYPES.get(tensor.data_type, onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name),
-                               location=location)
-            rec.extra["attrs_key"] = _attrs_key(op, attrs)
-            rec.bytes_before = int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if dims else 0
-            records[wname] = rec
-            reason = self._why_not(rec, tensor, node, attrs)
-            if reason:
-                rec.skip(reason)
+            for widx in WEIGHT_SLOTS[op]:
+                if len(node.input) <= widx or node.input[widx] not in inits:
+                    continue
+                wname = node.input[widx]
+                tensor = inits[wname]
+                rec = records.get(wname)
+                if rec is not None:
+                    if node_name not in rec.nodes:
+                        rec.nodes.append(node_name)
+                    if rec.op != op or rec.extra.get("attrs_key") != _attrs_key(op, attrs, widx):
+                        rec.skip(f"shared by nodes that need different rewrites ({rec.op} and {op})")
+                    continue
+                location = "constant-node" if wname in ctx.lifted else (
+                    "external-data" if wname in ctx.external else "initializer")
+                if wname in ctx.folded:
+                    location += f" (folded: {ctx.folded[wname]})"
+                if wname in graph_inputs:
+                    # Old exporters (IR < 4) list every initializer as an input too; the weight is
+                    # treated as the constant it is, and the rewritten model no longer lists it.
+                    location += " (also listed as a graph input)"
+                dims = tuple(int(d) for d in tensor.dims)
+                np_type = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                rec = WeightRecord(name=wname, op=op, nodes=[node_name], shape=dims,
+                                   dtype=FLOAT_TYPES.get(tensor.data_type, np.dtype(np_type).name),
+                                   location=location)
+                rec.extra["attrs_key"] = _attrs_key(op, attrs, widx)
+                rec.bytes_before = int(np.prod(dims)) * np.dtype(np_type).itemsize if dims else 0
+                records[wname] = rec
+                reason = self._why_not(rec, tensor, node, attrs)
+                if reason:
+                    rec.skip(reason)
 
         for wname, rec in records.items():
-            other = [n.op_type for n, i in uses[wname]
-                     if n.op_type != rec.op or (n.op_type == "Gather" and i != 0) or (n.op_type != "Gather" and i != 1)]
+            slots = WEIGHT_SLOTS[rec.op]
+            other = [n.op_type for n, i in uses[wname] if n.op_type != rec.op or i not in slots]
             if rec.status == "candidate" and other:
                 rec.skip(f"also used as input of {', '.join(sorted(set(other)))} (the original must stay)")
             elif rec.status == "candidate" and wname in subgraph_uses:
                 rec.skip(f"also used inside {subgraph_uses[wname]} (the original must stay)")
             elif rec.status == "candidate" and wname in graph_outputs:
                 rec.skip("is a graph output")
-            if rec.status == "candidate":
-                weight = numpy_helper.to_array(inits[wname])
-                if not np.all(np.isfinite(weight)):
-                    bad = int(np.size(weight) - np.count_nonzero(np.isfinite(weight)))
-                    raise InputError(f"weight {wname!r} contains {bad} NaN/Inf values")
-                node = next(n for n, i in uses[wname] if n.op_type == rec.op)
-                view, matrix = matrix_view(rec.op, weight, node_attrs(node))
-                rec.view = view
-                rec.matrix_shape = tuple(int(s) for s in matrix.shape)
-                # A writable copy: numpy_helper's arrays are read-only views of the protobuf bytes.
-                ctx.weights[wname] = np.array(matrix, dtype=np.float32, order="C", copy=True)
-                if rec.numel < cfg.min_elements:
-                    rec.skip(f"too small ({rec.numel} elements < {cfg.min_elements})")
-                elif cfg.is_excluded(wname):
-                    rec.skip("excluded by --exclude")
-                elif (ov := cfg.override_for(wname)) is not None and ov.skip:
-                    rec.skip("skipped by --override")
-                elif view == "embedding" and not cfg.compress_embeddings:
-                    rec.skip("embedding tables not compressed (--no-embeddings)")
-                if rec.status != "candidate":
-                    ctx.weights.pop(wname, None)
+            if rec.status != "candidate":
+                continue
+            if rec.numel < cfg.min_elements:
+                rec.skip(f"too small ({rec.numel} elements < {cfg.min_elements})")
+            elif cfg.is_excluded(wname):
+                rec.skip("excluded by --exclude")
+            elif (ov := cfg.override_for(wname)) is not None and ov.skip:
+                rec.skip("skipped by --override")
+            elif rec.op == "Gather" and not cfg.compress_embeddings:
+                rec.skip("embedding tables not compressed (--no-embeddings)")
+            if rec.status != "candidate":
+                continue
+            node = next(n for n, i in uses[wname] if n.op_type == rec.op)
+            weight = ctx.weight_array(inits[wname])
+            finite = np.isfinite(weight)
+            if not finite.all():
+                rec.skip(f"holds {int(finite.size - np.count_nonzero(finite))} NaN/Inf values (kept as it is)")
+                continue
+            del finite
+            view, matrix = matrix_view(rec.op, weight, node_attrs(node))
+            rec.view = view
+            rec.matrix_shape = tuple(int(s) for s in matrix.shape)
+            weights.register(wname, rec.op, node_attrs(node))
+            if view == "embedding" and not cfg.compress_embeddings:
+                rec.skip("embedding tables not compressed (--no-embeddings)")
+                weights.pop(wname, None)
 
         for sub, owner in sub_candidates:
-            widx = 0 if sub.op_type == "Gather" else 1
-            wname = sub.input[widx] if len(sub.input) > widx else ""
-            if wname and wname not in records:
-                rec = WeightRecord(name=wname, op=sub.op_type, nodes=[sub.name or sub.output[0]], shape=(),
-                                   dtype="", location="subgraph")
-                rec.skip(f"inside {owner} (subgraph bodies are not rewritten)")
-                records[wname] = rec
+            for widx in WEIGHT_SLOTS[sub.op_type]:
+                wname = sub.input[widx] if len(sub.input) > widx else ""
+                if wname and wname not in records:
+                    rec = WeightRecord(name=wname, op=sub.op_type, nodes=[sub.name or sub.output[0]], shape=(),
+                                       dtype="", location="subgraph")
+                    rec.skip(f"inside {owner} (subgraph bodies are not rewritten)")
+                    records[wname] = rec
 
         ctx.records = list(records.values())
         n_c = len(ctx.candidates())
@@ -185,22 +252,26 @@ class FindWeightsPass(Pass):
 
     def _why_not(self, rec: WeightRecord, tensor: onnx.TensorProto, node: onnx.NodeProto, attrs: dict) -> str:
         if tensor.data_type not in FLOAT_TYPES:
-            return f"weight type {onnx.helper.tensor_dtype_to_string(tensor.data_type)} is not float32/float16"
+            return f"weight type {onnx.helper.tensor_dtype_to_string(tensor.data_type)} is not a float type"
         nd = len(rec.shape)
         if rec.op in ("MatMul", "Gemm", "Gather") and nd != 2:
             return f"{nd}-D weight (only 2-D is supported for {rec.op})"
         if rec.op == "Conv" and nd not in (3, 4, 5):
             return f"{nd}-D Conv weight"
+        if rec.op in RECURRENT_OPS and nd != 3:
+            return f"{nd}-D {rec.op} weight"
         if rec.op == "Gather" and attrs.get("axis", 0) != 0:
             return "Gather along an axis other than 0"
         return ""
 
 
-def _attrs_key(op: str, attrs: dict) -> tuple:
+def _attrs_key(op: str, attrs: dict, slot: int = 1) -> tuple:
     if op == "Gemm":
         return (attrs.get("transB", 0), float(attrs.get("alpha", 1.0)))
     if op == "Conv":
         return (attrs.get("group", 1),)
     if op == "Gather":
         return (attrs.get("axis", 0),)
+    if op in RECURRENT_OPS:
+        return (slot,)
     return ()

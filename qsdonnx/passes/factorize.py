@@ -25,7 +25,7 @@ from .base import Context, Pass, WeightRecord
 
 log = logging.getLogger("qsdonnx")
 
-QUANT_ONLY_VIEWS = ("conv-grouped", "embedding")
+QUANT_ONLY_VIEWS = ("conv-grouped", "embedding", "recurrent")
 # Rows sharing one vector codebook (at most; a divisor of the reduction axis), by bits per
 # weight: 256 centroids of a 4-bit codebook cost 0.17 bpw per 128 rows of a 384-wide layer,
 # more than sharing them over 384 rows loses (MiniLM, held-out H-weighted error).
@@ -574,7 +574,7 @@ class GlobalPlanPass(Pass):
             calibrate_dictionary_estimates(W, H, cands, cfg, energy)
             options.append(cands)
             kept.append(rec)
-        if cfg.sensitivity and len(kept) > 1:
+        if cfg.sensitivity and len(kept) > 1 and ctx.calib_info:
             from .calibrate import calibration_feeds
             from .sensitivity import measure_sensitivity
 

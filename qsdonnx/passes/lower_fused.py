@@ -96,7 +96,7 @@ class LowerFusedPass(LowerQdqPass):
             c_init = next((t for t in edit.graph.initializer if t.name == node.input[2]), None)
             beta = float(attrs.get("beta", 1.0))
             if c_init is not None and tuple(c_init.dims) in ((N,), (1, N)):
-                c = (numpy_helper.to_array(c_init).reshape(N) * beta).astype(np.float32)
+                c = (edit.array(c_init).reshape(N) * beta).astype(np.float32)
                 inputs.append(edit.add_initializer(numpy_helper.from_array(c, f"{em.base}.bias")))
                 em.other_bytes += c.nbytes
                 op_attrs["has_bias"] = 1

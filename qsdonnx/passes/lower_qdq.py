@@ -22,6 +22,7 @@ from ..factorize.types import (CODES_PER_WORD, LEVEL_WORDS, DenseMatrix, Factori
                                SparseMatrix, SparseQuantizedMatrix, container_width)
 from ..graph import INT_TYPES, GraphEdit, node_key, float_tensor, int_tensor
 from .base import Context, Pass, WeightRecord
+from .aliases import RECURRENT_OPS
 from .canonicalize import node_attrs
 
 MIN_OPSET = 21
@@ -409,7 +410,7 @@ def lower_matmul_like(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto) -> 
         if beta != 1.0:
             c_init = next((t for t in edit.graph.initializer if t.name == bias), None)
             if c_init is not None:
-                c = numpy_helper.to_array(c_init)
+                c = edit.array(c_init)
                 bias = edit.add_initializer(numpy_helper.from_array((c * beta).astype(c.dtype), f"{em.base}.beta_C"))
                 # beta·C replaces C, not the weight: keep it out of the weight's byte count.
                 em.other_bytes += c.nbytes
@@ -487,6 +488,22 @@ def lower_conv(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Weigh
         terms.append(conv2.output[0])
     _sum_into(edit, nodes, terms, node.output[0], tag)
     return nodes
+
+
+def lower_recurrent(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: WeightRecord) -> list[onnx.NodeProto]:
+    """LSTM / GRU / RNN ``W`` or ``R``: the dequantized ``(gates·hidden, inputs)`` rows reshaped to
+    the weight's ``(directions, gates·hidden, inputs)`` and fed to the same node.
+
+    The node is edited in place rather than replaced, since one node holds two weights (W and R)
+    that are lowered one after the other."""
+    w2d = em.dequant("Q", em.f.q, True)
+    shape = em.const("W_shape", np.array(rec.shape, np.int64), "int64")
+    reshape = edit.node("Reshape", [w2d, shape], f"{em.base}.weight")
+    em.prelude.append(reshape)
+    for i, name in enumerate(node.input):
+        if name == rec.name:
+            node.input[i] = reshape.output[0]
+    return [node]
 
 
 def unpack_stream_nodes(n, const, x: str, bits: int, label: str) -> str:
@@ -773,7 +790,7 @@ class LowerQdqPass(Pass):
         return lower_matmul_like(edit, em, node)
 
     def run(self, ctx: Context) -> str:
-        edit = GraphEdit(ctx.model)
+        edit = GraphEdit(ctx.model, ctx.base_dir)
         lowered = 0
         for name, f in ctx.factorizations.items():
             rec = ctx.record(name)
@@ -787,6 +804,8 @@ class LowerQdqPass(Pass):
                     new = self.lower_matmul(edit, em, node, rec)
                 elif rec.op == "Conv":
                     new = lower_conv(edit, em, node, rec)
+                elif rec.op in RECURRENT_OPS:
+                    new = lower_recurrent(edit, em, node, rec)
                 else:
                     new = lower_gather(edit, em, node, rec)
                 # Parts are emitted once, right before the first consumer that needs them.

@@ -67,7 +67,7 @@ class RotateInputsPass(Pass):
         if not by_input:
             return "no layer to rotate"
         Q = random_orthogonal(b, ctx.config.seed)
-        edit = GraphEdit(ctx.model)
+        edit = GraphEdit(ctx.model, ctx.base_dir)
         q_name = edit.add_initializer(numpy_helper.from_array(Q, "qsd.rotation"))
         flat = edit.shared_const(f"rotation_flat{b}", [-1, b], "int64")
         rotated: dict[str, WeightRecord] = {}

@@ -5,7 +5,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -29,21 +31,91 @@ def min_ir_for_opset(opset: int) -> int:
     return min(irs) if irs else MAX_ORT_IR
 
 
+def _changed_ops(model: onnx.ModelProto, current: int, target: int) -> list[str]:
+    """Default-domain ops of the main graph (and subgraphs) whose definition changes between
+    opset ``current`` and ``target``."""
+    from onnx import defs
+
+    changed = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for n in graph.node:
+            if n.domain in ("", "ai.onnx"):
+                try:
+                    old = defs.get_schema(n.op_type, current, "").since_version
+                    new = defs.get_schema(n.op_type, target, "").since_version
+                except defs.SchemaError:
+                    changed.add(n.op_type)
+                    continue
+                if old != new:
+                    changed.add(n.op_type)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        visit(g)
+
+    visit(model.graph)
+    return sorted(changed)
+
+
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Brings the default-domain opset to at least ``target``; keeps the input IR version unless
-    the new opset needs a newer one."""
+    the new opset needs a newer one.
+
+    When no op of the model changes definition between the two opsets, only the stamp moves.
+    Otherwise onnx's version converter runs on the graph without its weights (large
+    initializers become graph inputs of the same type for the conversion and are put back
+    after), so the weights are neither copied nor serialized.
+    """
     current = default_opset(model)
     ir = model.ir_version
     if current < target:
-        try:
-            model = onnx.version_converter.convert_version(model, target)
-        except Exception as exc:  # the converter raises bare RuntimeError/ValueError/C++ errors
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConversionError(f"cannot upgrade the model from opset {current} to {target} "
-                                  f"(needed for block-wise DequantizeLinear): {msg}") from None
+        # Shapes recorded by the exporter may disagree with what the new opset infers.
+        del model.graph.value_info[:]
+        if _changed_ops(model, current, target):
+            _convert_structure(model, current, target)
+        else:
+            for op in model.opset_import:
+                if op.domain in ("", "ai.onnx"):
+                    op.version = target
     # Newer writers stamp an IR version ORT cannot read even when nothing in the model needs it.
     model.ir_version = min(max(ir, min_ir_for_opset(max(current, target))), MAX_ORT_IR)
     return model
+
+
+def _convert_structure(model: onnx.ModelProto, current: int, target: int) -> None:
+    from ..store import structure_copy
+
+    light, big = structure_copy(model)
+    inputs = {i.name for i in light.graph.input}
+    for t in big:
+        if t.name not in inputs:
+            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        converted = onnx.version_converter.convert_version(light, target)
+    except Exception as exc:  # the converter raises bare RuntimeError/ValueError/C++ errors
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"cannot upgrade the model from opset {current} to {target} "
+                              f"(needed for block-wise DequantizeLinear): {msg}") from None
+    big_names = {t.name for t in big}
+    kept_inputs = [i for i in converted.graph.input if i.name not in big_names or i.name in inputs]
+    g = model.graph
+    del g.node[:]
+    g.node.extend(converted.graph.node)
+    # Deleted one by one: rebuilding the list would copy every large tensor.
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name not in big_names:
+            del g.initializer[i]
+    g.initializer.extend(converted.graph.initializer)
+    del g.input[:]
+    g.input.extend(kept_inputs)
+    del g.output[:]
+    g.output.extend(converted.graph.output)
+    del g.value_info[:]
+    del model.opset_import[:]
+    model.opset_import.extend(converted.opset_import)
 
 
 def check_output_path(output: Path, input_path: Path | None, what: str = "output") -> None:
@@ -60,27 +132,47 @@ def check_output_path(output: Path, input_path: Path | None, what: str = "output
         raise OutputError(f"{what} path {output} is a directory")
 
 
-def save_model(model: onnx.ModelProto, output: Path, check: bool = True) -> int:
-    """Writes ``output`` atomically (temp files in the same directory, checked, then renamed);
-    tensors go to ``<output>.data`` when the model is above protobuf's 2 GB limit.
-    Returns the bytes written (model + data)."""
+EXTERNAL_MIN_BYTES = 1024  # tensors at least this large go to the data file
+ALIGN = 4096  # data-file offsets, so each tensor can be memory-mapped on its own
+
+
+def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_dir: Optional[Path] = None,
+               external_data: Optional[bool] = None) -> int:
+    """Writes ``output`` atomically (temp files in the same directory, checked, then renamed).
+
+    Tensors go to ``<output>.data`` when the model with all its tensors would pass protobuf's
+    2 GB limit, or when ``external_data`` is True: written one at a time, each read from the
+    protobuf or from the input's memory-mapped external data (``base_dir``) and released from
+    the protobuf once written, so the output is never held in memory as a whole.  Otherwise
+    tensors still in the input's external data are read into the model.  Returns the bytes
+    written (model + data).
+    """
+    from ..store import is_external, tensor_array, tensor_nbytes
+
     output = Path(output)
     parent = output.resolve().parent
-    external = model.ByteSize() > PROTOBUF_LIMIT
+    total = model.ByteSize() + sum(tensor_nbytes(t) for t in model.graph.initializer if is_external(t))
+    external = total > PROTOBUF_LIMIT if external_data is None else external_data
     data_name = output.name + ".data"
     tmpdir = Path(tempfile.mkdtemp(prefix=".qsdonnx-", dir=parent))
     try:
         tmp_model = tmpdir / output.name
         if external:
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            _write_tensors(model, tmpdir / data_name, data_name, base_dir)
         else:
-            onnx.save_model(model, str(tmp_model))
+            for t in model.graph.initializer:
+                if is_external(t):
+                    values = tensor_array(t, base_dir)
+                    t.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(values), t.name))
+        with open(tmp_model, "wb") as fh:
+            fh.write(model.SerializeToString())
         if check:
             try:
                 onnx.checker.check_model(str(tmp_model), full_check=True)
             except onnx.checker.ValidationError as exc:
                 raise OutputError(f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+            except onnx.shape_inference.InferenceError as exc:
+                raise OutputError(f"the rewritten model fails onnx's shape inference: {str(exc).splitlines()[0]}") from None
         size = tmp_model.stat().st_size
         if external:
             size += (tmpdir / data_name).stat().st_size
@@ -91,6 +183,37 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True) -> int:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _write_tensors(model: onnx.ModelProto, path: Path, location: str, base_dir: Optional[Path]) -> None:
+    """Moves every initializer of at least :data:`EXTERNAL_MIN_BYTES` into ``path``."""
+    from ..store import is_external, tensor_array, tensor_nbytes
+
+    with open(path, "wb") as fh:
+        for t in model.graph.initializer:
+            if tensor_nbytes(t) < EXTERNAL_MIN_BYTES and not is_external(t):
+                continue
+            if is_external(t):
+                data = memoryview(np.ascontiguousarray(tensor_array(t, base_dir))).cast("B")
+            elif t.raw_data:
+                data = t.raw_data
+            else:
+                data = onnx.numpy_helper.to_array(t).tobytes()
+            offset = fh.tell()
+            pad = (-offset) % ALIGN
+            if pad:
+                fh.write(b"\0" * pad)
+                offset += pad
+            fh.write(data)
+            del data
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                t.ClearField(field)
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(fh.tell() - offset))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
 
 
 class PrepareOpsetPass(Pass):

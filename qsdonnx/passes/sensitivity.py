@@ -39,7 +39,7 @@ def measure_sensitivity(ctx: Context, probes: dict[str, list[tuple[np.ndarray, f
     keep = []
     for t in model.graph.initializer:
         if t.name in recs:
-            originals[t.name] = numpy_helper.to_array(t)
+            originals[t.name] = ctx.weight_array(t)
             model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             keep.append(t)
@@ -57,7 +57,7 @@ def measure_sensitivity(ctx: Context, probes: dict[str, list[tuple[np.ndarray, f
             outputs.append(logits)
         else:
             outputs.append(o.name)
-    sess = session(model)
+    sess = session(model, base_dir=ctx.base_dir)
 
     def run(weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         outs = []

@@ -1,0 +1,135 @@
+"""Tensor data kept out of the graph: external data is memory-mapped and read when asked.
+
+A model is loaded without its external data (``onnx.load(..., load_external_data=False)``):
+its graph is small and is edited freely, and each large tensor is a reference (file, offset,
+length) into a data file next to the model.  :func:`tensor_array` turns such a reference into a
+read-only numpy view of the mapped file, so a weight costs memory only while it is being
+used, and the page cache, not the process, holds what was read.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+_MAPS: dict[tuple[str, int], mmap.mmap] = {}
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _mapped(path: Path) -> mmap.mmap:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns)
+    m = _MAPS.get(key)
+    if m is None:
+        with open(path, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else None
+        _MAPS[key] = m
+    return m
+
+
+def np_dtype(data_type: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> np.ndarray:
+    """The values of ``tensor``: from the protobuf, or a read-only view of its memory-mapped
+    external data file (``base_dir`` is the model's folder)."""
+    if not is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    info = external_info(tensor)
+    if base_dir is None:
+        raise ValueError(f"tensor {tensor.name!r} is in external data but the model has no folder")
+    path = Path(base_dir) / info["location"]
+    offset = int(info.get("offset", 0) or 0)
+    dtype = np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    m = _mapped(path)
+    if dtype.itemsize == 0 or tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                                                   onnx.TensorProto.INT2, onnx.TensorProto.UINT2,
+                                                   onnx.TensorProto.STRING):
+        # Packed sub-byte and string tensors: let onnx decode a private copy.
+        t = onnx.TensorProto()
+        t.CopyFrom(tensor)
+        onnx.external_data_helper.load_external_data_for_tensor(t, str(base_dir))
+        return numpy_helper.to_array(t)
+    arr = np.frombuffer(m, dtype=dtype, count=count, offset=offset) if count else np.zeros(0, dtype)
+    return arr.reshape(tuple(tensor.dims))
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's payload, without reading external data."""
+    if is_external(tensor):
+        length = external_info(tensor).get("length")
+        if length:
+            return int(length)
+        return int(np.prod(tensor.dims)) * np_dtype(tensor.data_type).itemsize if tensor.dims else 0
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    return numpy_helper.to_array(tensor).nbytes
+
+
+def external_tensors(model: onnx.ModelProto):
+    """Initializers and Constant-node tensors of the main graph held in external data."""
+    for t in model.graph.initializer:
+        if is_external(t):
+            yield t
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and is_external(a.t):
+                yield a.t
+
+
+def structure_copy(model: onnx.ModelProto, min_bytes: int = 1024) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of ``model`` whose initializers of at least ``min_bytes`` (and all external ones)
+    are left out, with the left-out tensors (not copied: the model's own objects).
+
+    Used where a tool needs the graph but not the weights (opset conversion, sessions fed the
+    weights separately), so the weights are never serialized or duplicated.
+    """
+    big = [t for t in model.graph.initializer if is_external(t) or tensor_nbytes(t) >= min_bytes]
+    names = {t.name for t in big}
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    out.graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
+    return out, big
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def release_maps() -> None:
+    """Closes every memory map (tests and long-running callers)."""
+    for m in _MAPS.values():
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:  # a numpy view still refers to it; it closes when that goes
+                pass
+    _MAPS.clear()
+
+
+def file_size(path: os.PathLike) -> int:
+    return Path(path).stat().st_size
