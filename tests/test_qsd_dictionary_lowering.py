@@ -126,7 +126,7 @@ def test_method_qsd_at_fixed_bits_codes_sub_vectors(make, bits):
     from qsdonnx.passes.canonicalize import FindWeightsPass
     from qsdonnx.passes.factorize import FactorizeWeightsPass, PlanPass
     from qsdonnx.passes.aliases import FoldWeightAliasesPass
-from qsdonnx.passes.load import LoadPass
+    from qsdonnx.passes.load import LoadPass
 
     model = make()
     cfg = dict(method="qsd", bits=bits, progress=False, min_elements=16, rotate=False)

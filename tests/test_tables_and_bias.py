@@ -176,7 +176,7 @@ def _calibrate(model, calib, **cfg):
     from qsdonnx.passes.calibrate import CalibratePass
     from qsdonnx.passes.canonicalize import FindWeightsPass
     from qsdonnx.passes.aliases import FoldWeightAliasesPass
-from qsdonnx.passes.load import LoadPass
+    from qsdonnx.passes.load import LoadPass
 
     ctx = _context(model, OptimizeConfig(calib=calib, progress=False, min_elements=16, **cfg))
     for p in (LoadPass(), FoldWeightAliasesPass(), FindWeightsPass(), CalibratePass()):
