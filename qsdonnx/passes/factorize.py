@@ -165,7 +165,8 @@ def uniform_choice(rec: WeightRecord, cfg: OptimizeConfig) -> tuple[Optional[Lay
     rank = ov.rank if ov and ov.rank else cfg.rank
     note = ""
     if method == "auto":
-        method = "gptq" if rec.view != "embedding" else "rtn"
+        # Without calibration data nothing is fitted: round-to-nearest.
+        method = "gptq" if rec.view != "embedding" and cfg.calib is not None else "rtn"
     if levels is not None:
         if rec.view == "embedding" or method not in ("rtn", "gptq"):
             # Table rows are decoded at run time, from whole-width codes: the widest that
