@@ -137,21 +137,23 @@ class GraphEdit:
         remove_unused_initializers(self.model)
 
 
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of the subgraphs its nodes hold (If, Loop, Scan bodies)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from all_nodes(g)
+
+
 def consumed_names(model: onnx.ModelProto) -> set[str]:
     """Every tensor name a node of the model (subgraphs included) reads, plus graph outputs."""
     used: set[str] = {o.name for o in model.graph.output}
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for n in graph.node:
-            used.update(n.input)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    visit(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        visit(g)
-
-    visit(model.graph)
+    for n in all_nodes(model.graph):
+        used.update(n.input)
     return used
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph import remove_unused_initializers
+from ..graph import all_nodes, remove_unused_initializers
 from .base import Context, Pass
 
 # Inputs that hold a weight, by op: what the rest of the pipeline compresses.
@@ -186,11 +186,4 @@ class FoldWeightAliasesPass(Pass):
 
 def _subgraph_inputs(attr: onnx.AttributeProto) -> set[str]:
     graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-    names: set[str] = set()
-    for g in graphs:
-        for n in g.node:
-            names.update(n.input)
-            for a in n.attribute:
-                if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    names |= _subgraph_inputs(a)
-    return names
+    return {name for g in graphs for n in all_nodes(g) for name in n.input}

@@ -36,27 +36,18 @@ def _changed_ops(model: onnx.ModelProto, current: int, target: int) -> list[str]
     opset ``current`` and ``target``."""
     from onnx import defs
 
+    from ..graph import all_nodes
+
     changed = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for n in graph.node:
-            if n.domain in ("", "ai.onnx"):
-                try:
-                    old = defs.get_schema(n.op_type, current, "").since_version
-                    new = defs.get_schema(n.op_type, target, "").since_version
-                except defs.SchemaError:
-                    changed.add(n.op_type)
-                    continue
-                if old != new:
-                    changed.add(n.op_type)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    visit(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        visit(g)
-
-    visit(model.graph)
+    for n in all_nodes(model.graph):
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            if defs.get_schema(n.op_type, current, "").since_version != \
+                    defs.get_schema(n.op_type, target, "").since_version:
+                changed.add(n.op_type)
+        except defs.SchemaError:
+            changed.add(n.op_type)
     return sorted(changed)
 
 
