@@ -13,6 +13,7 @@ project relies on:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -131,6 +132,13 @@ def _ops_library_or_raise() -> Path:
     return lib
 
 
+def ort_log_severity() -> int:
+    """ONNX Runtime's log severity for qsdonnx's sessions: errors only (3) unless the
+    ``qsdonnx`` logger shows info (-v: warnings, 2) or debug (-vv: everything, 0)."""
+    level = logging.getLogger("qsdonnx").getEffectiveLevel()
+    return 0 if level <= logging.DEBUG else 2 if level <= logging.INFO else 3
+
+
 def session_options(
     *,
     graph_optimization_level: Any = None,
@@ -146,6 +154,8 @@ def session_options(
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.log_severity_level = ort_log_severity()
+    ort.set_default_logger_severity(so.log_severity_level)
     level = _resolve_opt_level(graph_optimization_level)
     if level is not None:
         so.graph_optimization_level = level

@@ -659,11 +659,11 @@ def test_validation_uses_given_inputs_and_shapes(tmp_path):
     np.savez(tmp_path / "inputs.npz", X=X)
     src, dst, res = optimize_file(tmp_path, model, method="rtn", bits=4, inputs=tmp_path / "inputs.npz")
     want = rel_l2(run_model(src, {"X": X})[0], run_model(dst, {"X": X})[0])
-    assert res.report.validation["samples"] == 1
+    assert res.report.validation["samples"] == 5
     assert res.report.validation["max_rel_l2"] == pytest.approx(want, rel=1e-3)
     _, _, res2 = optimize_file(tmp_path, model, out_name="shaped.onnx", method="rtn", bits=4,
                                input_shapes=(("X", (3, 128)),), num_inputs=2)
-    assert res2.report.validation["samples"] == 2
+    assert res2.report.validation["samples"] == 6
 
 
 def test_api_accepts_model_proto_and_returns_model(tmp_path):

@@ -87,6 +87,7 @@ class Context:
     lifted: set = field(default_factory=set)  # weights that were Constant nodes
     external: set = field(default_factory=set)  # weights that were in external data
     folded: dict = field(default_factory=dict)  # weights computed from a constant subgraph: the ops
+    calib_split: Optional[tuple] = None  # (fitting batches, held-out batches) of the calibration data
 
     def weight_array(self, tensor: onnx.TensorProto) -> np.ndarray:
         """A tensor's values, read from the protobuf or its (memory-mapped) external data."""

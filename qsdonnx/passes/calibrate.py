@@ -23,7 +23,7 @@ from ..graph import node_key
 from .base import Context, Pass, WeightRecord
 from .bias import GraphIndex, find_bias_slots
 from .canonicalize import node_attrs
-from .validate import generated_inputs, load_feeds
+from .validate import fixed_batch, generated_inputs, load_feeds, run_feed
 
 log = logging.getLogger("qsdonnx")
 
@@ -93,27 +93,68 @@ class HessianAccumulator:
                 "centered": centered}
 
 
+# With --calib, every HOLD_OUT_STRIDE-th batch (or the last one of a set of fewer batches) is kept out
+# of every fitting step and is what the end-of-run validation measures on; calibration samples
+# beyond --calib-samples are held out first, as they are not fitted anyway.
+HOLD_OUT_STRIDE = 32
+HOLD_OUT_MIN_BATCHES = 4
+HOLD_OUT_MAX_SAMPLES = 32
+
+
+def _samples(feed: dict) -> int:
+    return len(next(iter(feed.values())))
+
+
+def split_calibration(feeds: list[dict], cap: int) -> tuple[list[dict], list[dict]]:
+    """(fitting, held-out) batches: at most ``cap`` samples are fitted; the rest of the data, or
+    every :data:`HOLD_OUT_STRIDE`-th batch when there is none, is held out."""
+    fit, held, total = [], [], 0
+    if len(feeds) >= HOLD_OUT_MIN_BATCHES and sum(map(_samples, feeds)) <= cap:
+        stride = min(HOLD_OUT_STRIDE, len(feeds))
+        held = [f for i, f in enumerate(feeds) if i % stride == stride - 1]
+        feeds = [f for i, f in enumerate(feeds) if i % stride != stride - 1]
+    for f in feeds:
+        if total >= cap:
+            if sum(map(_samples, held)) < HOLD_OUT_MAX_SAMPLES:
+                held.append(f)
+            continue
+        take = cap - total
+        if take < _samples(f):
+            rest = {k: v[take:] for k, v in f.items()}
+            held.append({k: v[:HOLD_OUT_MAX_SAMPLES] for k, v in rest.items()})
+            f = {k: v[:take] for k, v in f.items()}
+        total += _samples(f)
+        fit.append(f)
+    return fit, held
+
+
 def calibration_feeds(ctx: Context, warn: bool = True) -> list[dict]:
+    """The batches every fitting step uses (with ``--calib``, the held-out ones are left out)."""
+    return _calibration_split(ctx, warn)[0]
+
+
+def held_out_feeds(ctx: Context) -> list[dict]:
+    """Calibration batches no fitting step saw (empty without ``--calib`` or with too few batches)."""
+    return _calibration_split(ctx, False)[1] if ctx.config.calib is not None else []
+
+
+def _calibration_split(ctx: Context, warn: bool) -> tuple[list[dict], list[dict]]:
+    if ctx.calib_split is not None:
+        return ctx.calib_split
     cfg = ctx.config
     if cfg.calib is not None:
         path = Path(cfg.calib)
         if not path.exists():
             raise InputError(f"calibration data {path} does not exist")
-        feeds = load_feeds(path, ctx.original, cfg.calib_batch)
-    else:
-        if warn:
-            log.warning("no --calib data: calibrating on generated inputs; real data gives much better results")
-        n = max(1, min(cfg.calib_samples, 32) // cfg.calib_batch)
-        feeds = generated_inputs(ctx.original, dict(_batched(cfg.input_shapes, cfg.calib_batch)), n, cfg.seed + 1)
-    out, total = [], 0
-    for f in feeds:
-        if total >= cfg.calib_samples:
-            break
-        take = cfg.calib_samples - total
-        f = {k: v[:take] for k, v in f.items()}
-        total += len(next(iter(f.values())))
-        out.append(f)
-    return out
+        ctx.calib_split = split_calibration(load_feeds(path, ctx.original, cfg.calib_batch), cfg.calib_samples)
+        return ctx.calib_split
+    if warn:
+        log.warning("no --calib data: calibrating on generated inputs; real data gives much better results")
+    batch = fixed_batch(ctx.original) or cfg.calib_batch
+    n = max(1, min(cfg.calib_samples, 32) // batch)
+    feeds = generated_inputs(ctx.original, dict(_batched(cfg.input_shapes, batch)), n, cfg.seed + 1, batch=batch)
+    ctx.calib_split = (feeds, [])
+    return ctx.calib_split
 
 
 MASK_INPUTS = ("attention_mask", "input_mask")
@@ -179,7 +220,7 @@ class CalibratePass(Pass):
         mask_name = token_mask_input(ctx)
         for batch, feed in enumerate(tqdm(feeds, desc="calibrating", unit="batch", disable=not ctx.config.progress,
                                           leave=False)):
-            outs = sess.run(names, feed)
+            outs = run_feed(sess, names, feed)
             samples += len(next(iter(feed.values())))
             mask = None if mask_name is None else np.asarray(feed[mask_name]) != 0
             for name, value in zip(names, outs):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..graph import node_key
 from .base import Context, WeightRecord
 from .canonicalize import node_attrs, weight_from_matrix
+from .validate import run_feed
 
 log = logging.getLogger("qsdonnx")
 
@@ -62,7 +63,7 @@ def measure_sensitivity(ctx: Context, probes: dict[str, list[tuple[np.ndarray, f
     def run(weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         outs = []
         for feed in feeds:
-            outs.extend(np.asarray(v, np.float64).ravel() for v in sess.run(outputs, {**feed, **weights}))
+            outs.extend(np.asarray(v, np.float64).ravel() for v in run_feed(sess, outputs, {**feed, **weights}))
         return outs
 
     ref = run(originals)
