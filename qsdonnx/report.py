@@ -115,7 +115,7 @@ class Report:
         v = self.validation
         if v:
             where = f"; {v['source']}" if v.get("source") else ""
-            out.append(f"validation on {v['samples']} samples (original vs compressed in ONNX Runtime{where}):")
+            out.append(f"validation on {v['samples']} samples, original vs compressed in ONNX Runtime{where}:")
             for name, m in v["outputs"].items():
                 d, a = m["disable_all"], m["default"]
                 out.append(f"  {name}: rel L2 {d['rel_l2']:.3e}, cosine {d['cosine']:.5f}, SQNR {d['sqnr_db']:.1f} dB, "

@@ -28,9 +28,11 @@ from .base import Context, Pass
 # Inputs that hold a weight, by op: what the rest of the pipeline compresses.
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "MatMul": (1,), "Gemm": (1,), "Conv": (1,), "Gather": (0,),
-    "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2),
+    "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "ConvTranspose": (1,),
 }
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+# Ops whose weight is quantized as is and dequantized straight into its input slot.
+IN_PLACE_OPS = RECURRENT_OPS + ("ConvTranspose",)
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):

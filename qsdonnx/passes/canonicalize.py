@@ -58,6 +58,10 @@ def matrix_view(op: str, weight: np.ndarray, attrs: dict) -> tuple[str, np.ndarr
     if op in RECURRENT_OPS:
         # (directions, gates·hidden, inputs): each gate row reads the input (or the hidden state).
         return "recurrent", weight.reshape(-1, weight.shape[-1]).T
+    if op == "ConvTranspose":
+        # (inputs, outputs/group, *k): each input channel feeds every output tap, so the blocks
+        # run along the input channels (the summed axis) in each column.
+        return "deconv", weight.reshape(weight.shape[0], -1)
     raise ValueError(op)
 
 
@@ -75,6 +79,8 @@ def weight_from_matrix(op: str, matrix: np.ndarray, shape: tuple[int, ...], attr
         return matrix.T
     if op in RECURRENT_OPS:
         return matrix.T.reshape(shape)
+    if op == "ConvTranspose":
+        return matrix.reshape(shape)
     raise ValueError(op)
 
 
@@ -129,7 +135,7 @@ class WeightMatrices(MutableMapping):
 
 class FindWeightsPass(Pass):
     """Creates one ``WeightRecord`` per constant weight of MatMul, Gemm, Conv, Gather and the
-    recurrent ops (LSTM, GRU, RNN: their ``W`` and ``R``).
+    recurrent ops (LSTM, GRU, RNN: their ``W`` and ``R``) and ConvTranspose.
 
     A weight shared by several nodes of the same kind is compressed once and reused; anything
     that cannot be compressed is recorded as skipped with the reason, and the model goes on.
@@ -260,6 +266,8 @@ class FindWeightsPass(Pass):
             return f"{nd}-D Conv weight"
         if rec.op in RECURRENT_OPS and nd != 3:
             return f"{nd}-D {rec.op} weight"
+        if rec.op == "ConvTranspose" and nd not in (3, 4, 5):
+            return f"{nd}-D ConvTranspose weight"
         if rec.op == "Gather" and attrs.get("axis", 0) != 0:
             return "Gather along an axis other than 0"
         return ""

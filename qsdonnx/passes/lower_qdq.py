@@ -22,7 +22,7 @@ from ..factorize.types import (CODES_PER_WORD, LEVEL_WORDS, DenseMatrix, Factori
                                SparseMatrix, SparseQuantizedMatrix, container_width)
 from ..graph import INT_TYPES, GraphEdit, node_key, float_tensor, int_tensor
 from .base import Context, Pass, WeightRecord
-from .aliases import RECURRENT_OPS
+from .aliases import IN_PLACE_OPS, RECURRENT_OPS
 from .canonicalize import node_attrs
 
 MIN_OPSET = 21
@@ -490,13 +490,14 @@ def lower_conv(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: Weigh
     return nodes
 
 
-def lower_recurrent(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: WeightRecord) -> list[onnx.NodeProto]:
-    """LSTM / GRU / RNN ``W`` or ``R``: the dequantized ``(gates·hidden, inputs)`` rows reshaped to
-    the weight's ``(directions, gates·hidden, inputs)`` and fed to the same node.
+def lower_in_place(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: WeightRecord) -> list[onnx.NodeProto]:
+    """LSTM / GRU / RNN ``W`` or ``R``, and ConvTranspose's weight: the dequantized matrix
+    (recurrent: its ``(gates·hidden, inputs)`` rows; ConvTranspose: ``(inputs, outputs·k)``)
+    reshaped to the weight's shape and fed to the same node.
 
-    The node is edited in place rather than replaced, since one node holds two weights (W and R)
-    that are lowered one after the other."""
-    w2d = em.dequant("Q", em.f.q, True)
+    The node is edited in place rather than replaced, since a recurrent node holds two weights
+    (W and R) that are lowered one after the other."""
+    w2d = em.dequant("Q", em.f.q, rec.op in RECURRENT_OPS)
     shape = em.const("W_shape", np.array(rec.shape, np.int64), "int64")
     reshape = edit.node("Reshape", [w2d, shape], f"{em.base}.weight")
     em.prelude.append(reshape)
@@ -804,8 +805,8 @@ class LowerQdqPass(Pass):
                     new = self.lower_matmul(edit, em, node, rec)
                 elif rec.op == "Conv":
                     new = lower_conv(edit, em, node, rec)
-                elif rec.op in RECURRENT_OPS:
-                    new = lower_recurrent(edit, em, node, rec)
+                elif rec.op in IN_PLACE_OPS:
+                    new = lower_in_place(edit, em, node, rec)
                 else:
                     new = lower_gather(edit, em, node, rec)
                 # Parts are emitted once, right before the first consumer that needs them.

@@ -1,6 +1,7 @@
 """Opset preparation and atomic saving (external data above 2 GB, an IR version ORT reads)."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,8 @@ from onnx import helper
 
 from ..errors import ConversionError, OutputError
 from .base import Context, Pass
+
+log = logging.getLogger("qsdonnx")
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # stay clear of protobuf's 2 GiB message limit
 MAX_ORT_IR = 13  # the newest IR version ONNX Runtime 1.31 reads
@@ -90,6 +93,7 @@ def _convert_structure(model: onnx.ModelProto, current: int, target: int) -> Non
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"cannot upgrade the model from opset {current} to {target} "
                               f"(needed for block-wise DequantizeLinear): {msg}") from None
+    _drop_stale_output_shapes(converted)
     big_names = {t.name for t in big}
     kept_inputs = [i for i in converted.graph.input if i.name not in big_names or i.name in inputs]
     g = model.graph
@@ -107,6 +111,37 @@ def _convert_structure(model: onnx.ModelProto, current: int, target: int) -> Non
     del g.value_info[:]
     del model.opset_import[:]
     model.opset_import.extend(converted.opset_import)
+
+
+def _infers(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        return True
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        return False
+
+
+def _drop_stale_output_shapes(model: onnx.ModelProto) -> None:
+    """Some exports declare graph output shapes their own nodes do not produce (the older opset's
+    inference did not notice). Those shapes are replaced by the inferred ones, so the output checks."""
+    if _infers(model):
+        return
+    declared = {}
+    for o in model.graph.output:
+        declared[o.name] = onnx.TypeProto.Tensor()
+        declared[o.name].CopyFrom(o.type.tensor_type)
+        o.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        inferred = None
+    got = {o.name: o for o in inferred.graph.output} if inferred is not None else {}
+    for o in model.graph.output:
+        o.type.tensor_type.CopyFrom(declared[o.name])
+        if got.get(o.name) is not None and got[o.name].type.tensor_type.HasField("shape") and not _infers(model):
+            o.type.tensor_type.shape.CopyFrom(got[o.name].type.tensor_type.shape)
+            log.info("graph output %s: its declared shape disagrees with the graph; the inferred one is kept",
+                     o.name)
 
 
 def check_output_path(output: Path, input_path: Path | None, what: str = "output") -> None:

@@ -87,6 +87,9 @@ def generated_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     if unknown:
         raise InputError(f"--input-shape names {', '.join(unknown)}, which the model does not have as inputs "
                          f"(inputs: {', '.join(sorted(known))})")
+    # A named dimension that is some input's first axis is the batch wherever it appears.
+    batch_dims = {vi.type.tensor_type.shape.dim[0].dim_param for vi in graph_inputs(model)
+                  if vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].dim_param}
     feeds = []
     for _ in range(count):
         feed = {}
@@ -96,7 +99,8 @@ def generated_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
                 shape = shapes[vi.name]
             else:
                 shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
-                              else batch if k == 0 else DEFAULT_OTHER_DIM
+                              else batch if k == 0 or (d.dim_param and d.dim_param in batch_dims)
+                              else DEFAULT_OTHER_DIM
                               for k, d in enumerate(tt.shape.dim))
             elem = tt.elem_type
             if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
@@ -234,7 +238,7 @@ def validation_feeds(ctx: Context, model: onnx.ModelProto) -> tuple[list[dict], 
             return held, f"{n} calibration samples held out from fitting"
     feeds = generated_inputs(model, dict(cfg.input_shapes), cfg.num_inputs, cfg.seed)
     why = "too few calibration batches to hold some out" if cfg.calib is not None else "no --inputs or --calib"
-    return feeds, f"generated inputs only ({why}): accuracy on real data was not checked"
+    return feeds, f"generated inputs only, {why}: accuracy on real data was not checked"
 
 
 class ValidatePass(Pass):
