@@ -1,0 +1,248 @@
+"""Synthetic models with the patterns real exports hold (each seen in a packaged model):
+a weight shared through Identity aliases, a small table with -inf entries, a batch fixed at 1,
+an opset-12 graph whose declared output shape its own Reshape contradicts, an already quantized
+model, LSTM and ConvTranspose weights, token ids that reach their table through a Cast."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import qsdonnx
+from conftest import make_model, randn, rel_l2, run_model, save
+from qsdonnx.cli import cli
+from qsdonnx.passes.validate import generated_inputs, load_feeds
+
+
+def optimize(tmp_path, model, *args):
+    src = save(model, tmp_path / "in.onnx")
+    out = tmp_path / "out.onnx"
+    report = tmp_path / "report.json"
+    res = CliRunner().invoke(cli, ["optimize", str(src), "-o", str(out), "--report", str(report),
+                                   *map(str, args)])
+    return src, out, res, (json.loads(report.read_text()) if report.exists() else None)
+
+
+def layers(report, status="compressed"):
+    return [l for l in report["layers"] if l["status"] == status]
+
+
+def aliased_model(K=256, N=128, readers=4, seed=0):
+    """One weight read by ``readers`` MatMuls: the first reads the initializer, each other one
+    through its own Identity node (how PyTorch exports tied or reused parameters)."""
+    nodes, x = [], "X"
+    for i in range(readers):
+        w = "W" if i == 0 else f"W_alias{i}"
+        if i:
+            nodes.append(helper.make_node("Identity", ["W"], [w], name=f"alias{i}"))
+        nodes.append(helper.make_node("MatMul", [x, w], [f"h{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Tanh", [f"h{i}"], [f"t{i}"]))
+        nodes.append(helper.make_node("MatMul", [f"t{i}", "P"], [f"x{i + 1}"], name=f"proj{i}"))
+        x = f"x{i + 1}"
+    nodes.append(helper.make_node("Identity", [x], ["Y"]))
+    return make_model(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", K])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", K])],
+                      [numpy_helper.from_array((randn((K, N), seed) / np.sqrt(K)).astype(np.float32), "W"),
+                       numpy_helper.from_array((randn((N, K), seed + 1) / np.sqrt(N)).astype(np.float32), "P")], opset=17)
+
+
+def test_weight_shared_through_identity_aliases_is_compressed_once_for_every_reader(tmp_path):
+    src, out, res, report = optimize(tmp_path, aliased_model(), "--method", "rtn", "--bits", "4")
+    assert res.exit_code == 0, res.output
+    done = {l["name"]: l for l in layers(report)}
+    assert set(done) == {"W", "P"}
+    assert len(done["W"]["nodes"]) == 4  # one record, read by all four MatMuls
+    assert not layers(report, "skipped")
+    model = onnx.load(str(out))
+    assert not any(n.op_type == "Identity" and n.input[0] == "W" for n in model.graph.node)
+    assert {t.name for t in model.graph.initializer}.isdisjoint({"W", "P"})
+    assert out.stat().st_size < 0.2 * src.stat().st_size
+    X = randn((3, 256), 9)
+    assert 1e-3 < rel_l2(run_model(src, {"X": X})[0], run_model(out, {"X": X})[0]) < 0.3  # 4 layers at 4 bits
+
+
+def bias_table_model(seed=1):
+    """A 13x16 attention-bias table with -inf entries next to a MatMul weight."""
+    table = randn((13, 16), seed)
+    table[::4, 3] = -np.inf
+    nodes = [helper.make_node("Gather", ["bias_table", "pos"], ["B"], name="bias_lookup"),
+             helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")]
+    return make_model(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 128]),
+                              helper.make_tensor_value_info("pos", TensorProto.INT64, [2])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 64]),
+                       helper.make_tensor_value_info("B", TensorProto.FLOAT, [2, 16])],
+                      [numpy_helper.from_array(table, "bias_table"),
+                       numpy_helper.from_array(randn((128, 64), seed + 1), "W")], opset=17)
+
+
+@pytest.mark.parametrize("extra", [(), ("--exclude", "bias_table"), ("--min-elements", "16")])
+def test_small_table_with_inf_entries_does_not_stop_the_model(tmp_path, extra):
+    src, out, res, report = optimize(tmp_path, bias_table_model(), "--method", "rtn", "--bits", "4",
+                                     "--input-shape", "pos:2", *extra)
+    assert res.exit_code == 0, res.output
+    assert [l["name"] for l in layers(report)] == ["W"]
+    skipped = {l["name"]: l["reason"] for l in layers(report, "skipped")}
+    assert "bias_table" in skipped
+    if extra and extra[0] == "--min-elements":
+        assert "NaN/Inf" in skipped["bias_table"]
+    inspect = CliRunner().invoke(cli, ["inspect", str(src)])
+    assert inspect.exit_code == 0, inspect.output
+    feeds = {"X": randn((2, 128), 3), "pos": np.array([0, 5], np.int64)}
+    (ref, ref_b), (got, got_b) = run_model(src, feeds), run_model(out, feeds)
+    assert np.isinf(ref_b).sum() == 1 and np.array_equal(ref_b, got_b)  # the table is kept exactly
+    assert 1e-3 < rel_l2(ref, got) < 0.1
+
+
+def fixed_batch_model(seed=2):
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["h"]), helper.make_node("Relu", ["h"], ["Y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 128])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 64])],
+                      [numpy_helper.from_array(randn((128, 64), seed), "W")], opset=17)
+
+
+def test_batch_fixed_at_one_calibrates_and_validates_in_batches_of_one(tmp_path):
+    np.savez(tmp_path / "calib.npz", X=randn((24, 128), 5))
+    src, out, res, report = optimize(tmp_path, fixed_batch_model(), "--method", "gptq", "--bits", "4",
+                                     "--calib", tmp_path / "calib.npz", "--calib-batch", "8")
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    assert report["validation"]["source"] == "1 calibration samples held out from fitting"
+    feeds = load_feeds(tmp_path / "calib.npz", onnx.load(str(src)), batch=8)
+    assert len(feeds) == 24 and all(f["X"].shape == (1, 128) for f in feeds)
+
+
+def stale_output_shape_model(seed=3):
+    """Opset 12: a Reshape to a 3-D shape computed at run time, feeding a graph output declared
+    2-D. Opset 12's inference cannot see the rank and the model checks; newer opsets see it."""
+    nodes = [helper.make_node("Gemm", ["X", "W"], ["h"], name="fc"),
+             helper.make_node("Shape", ["X"], ["xs"]),
+             helper.make_node("Gather", ["xs", "zero"], ["b"], axis=0),
+             helper.make_node("Unsqueeze", ["b"], ["bu"], axes=[0]),
+             helper.make_node("Concat", ["bu", "tail"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["h", "shape"], ["Y"], name="out_reshape")]
+    model = make_model(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 128])],
+                       [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, "n"])],
+                       [numpy_helper.from_array(randn((128, 64), seed), "W"),
+                        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                        numpy_helper.from_array(np.array([8, 8], np.int64), "tail")], opset=12, ir_version=7)
+    return model
+
+
+def test_opset_12_model_with_stale_output_shape_gives_an_output_that_checks(tmp_path):
+    model = stale_output_shape_model()
+    onnx.checker.check_model(model, full_check=True)  # the input checks
+    src, out, res, report = optimize(tmp_path, model, "--method", "rtn", "--bits", "4")
+    assert res.exit_code == 0, res.output
+    out_model = onnx.load(str(out))
+    onnx.checker.check_model(out_model, full_check=True)
+    assert [o.version for o in out_model.opset_import if o.domain in ("", "ai.onnx")][0] >= 21
+    dims = out_model.graph.output[0].type.tensor_type.shape.dim
+    assert len(dims) == 3  # the shape the graph computes, not the stale declaration
+    X = randn((1, 128), 4)
+    assert rel_l2(run_model(src, {"X": X})[0], run_model(out, {"X": X})[0]) < 0.1
+
+
+def quantized_model(seed=4):
+    w = np.clip(np.round(randn((64, 32), seed) * 40), -127, 127).astype(np.int8)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["X"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "Wq", "xz", "wz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["accf", "xs"], ["Y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [4, 64])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [4, 32])],
+                      [numpy_helper.from_array(w, "Wq"), numpy_helper.from_array(np.array(0, np.int8), "wz")],
+                      opset=17)
+
+
+def test_already_quantized_model_says_so_exits_4_and_writes_nothing(tmp_path):
+    src, out, res, report = optimize(tmp_path, quantized_model())
+    assert res.exit_code == 4, res.output
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: nothing to compress") and "already quantized" in line
+    assert "1 DynamicQuantizeLinear" in line and "1 MatMulInteger" in line
+    assert not out.exists()
+
+
+def lstm_model(I=64, H=64, seed=5):
+    W = (randn((1, 4 * H, I), seed) / np.sqrt(I)).astype(np.float32)
+    R = (randn((1, 4 * H, H), seed + 1) / np.sqrt(H)).astype(np.float32)
+    nodes = [helper.make_node("LSTM", ["X", "W", "R", "B"], ["Yall", "Yh"], hidden_size=H, name="lstm"),
+             helper.make_node("Squeeze", ["Yh", "axes"], ["Y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [10, 2, I])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, H])],
+                      [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"),
+                       numpy_helper.from_array((randn((1, 8 * H), seed + 2) * 0.1).astype(np.float32), "B"),
+                       numpy_helper.from_array(np.array([0], np.int64), "axes")], opset=17)
+
+
+def test_lstm_weights_are_block_quantized_into_the_node_and_counted(tmp_path):
+    src, out, res, report = optimize(tmp_path, lstm_model(), "--method", "rtn", "--bits", "4")
+    assert res.exit_code == 0, res.output
+    done = {l["name"]: l for l in layers(report)}
+    assert set(done) == {"W", "R"} and all(l["view"] == "recurrent" for l in done.values())
+    assert report["totals"]["compressed_bytes_before"] == 2 * 256 * 64 * 4
+    assert report["totals"]["compressed_bytes_after"] == sum(l["bytes_after"] for l in done.values())
+    assert 4.0 < report["totals"]["bits_per_weight"] < 5.0
+    model = onnx.load(str(out))
+    lstm = next(n for n in model.graph.node if n.op_type == "LSTM")
+    inits = {t.name for t in model.graph.initializer}
+    assert lstm.input[1] not in inits and lstm.input[2] not in inits  # computed by DequantizeLinear
+    X = randn((10, 2, 64), 6)
+    assert 1e-3 < rel_l2(run_model(src, {"X": X})[0], run_model(out, {"X": X})[0]) < 0.15
+
+
+def conv_transpose_model(C=64, O=32, seed=6):
+    nodes = [helper.make_node("ConvTranspose", ["X", "W"], ["Y"], strides=[2, 2], kernel_shape=[3, 3],
+                              name="up")]
+    return make_model(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, C, 8, 8])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, O, 17, 17])],
+                      [numpy_helper.from_array((randn((C, O, 3, 3), seed) / 24).astype(np.float32), "W")], opset=17)
+
+
+def test_conv_transpose_weight_is_compressed(tmp_path):
+    src, out, res, report = optimize(tmp_path, conv_transpose_model(), "--method", "rtn", "--bits", "4")
+    assert res.exit_code == 0, res.output
+    (layer,) = layers(report)
+    assert layer["op"] == "ConvTranspose" and layer["view"] == "deconv" and layer["matrix_shape"] == [64, 288]
+    X = randn((1, 64, 8, 8), 7)
+    err = rel_l2(run_model(src, {"X": X})[0], run_model(out, {"X": X})[0])
+    assert 1e-3 < err < 0.1  # quantized, not copied
+
+
+def token_model(vocab=50, D=64, seed=7):
+    nodes = [helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+             helper.make_node("Unsqueeze", ["ids64", "ax"], ["idsu"]),
+             helper.make_node("Gather", ["E", "idsu"], ["e"]),
+             helper.make_node("MatMul", ["e", "W"], ["Y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT32, [1, "seq"])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 1, "seq", 64])],
+                      [numpy_helper.from_array(randn((vocab, D), seed), "E"),
+                       numpy_helper.from_array(randn((D, 64), seed + 1), "W"),
+                       numpy_helper.from_array(np.array([0], np.int64), "ax")], opset=17)
+
+
+def test_generated_token_ids_reach_across_the_table_through_casts():
+    feeds = generated_inputs(token_model(), {}, 4, seed=0)
+    ids = np.concatenate([f["ids"].ravel() for f in feeds])
+    assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < 50
+    assert len(np.unique(ids)) > 20  # spread over the table, not all ones
+
+
+def test_symbolic_batch_dim_is_shared_between_inputs():
+    nodes = [helper.make_node("Add", ["a", "b"], ["Y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 16]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, "batch", 16])],
+                       [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, "batch", 16])], opset=17)
+    feed = generated_inputs(model, {}, 1, batch=3)[0]
+    assert feed["a"].shape == (3, 16) and feed["b"].shape == (2, 3, 16)
+
+
+def test_default_without_data_reports_that_inputs_were_synthetic(tmp_path):
+    res = qsdonnx.optimize(save(fixed_batch_model(), tmp_path / "m.onnx"), tmp_path / "o.onnx", progress=False)
+    assert res.report.validation["source"].startswith("generated inputs only")
+    assert "accuracy on real data was not checked" in res.report.format_table()
+    assert all(l["method"] == "rtn" for l in res.report.layers if l["status"] == "compressed")
