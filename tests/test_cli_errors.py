@@ -419,7 +419,7 @@ def test_validate_missing_compressed(tmp_path, model_path):
 # ---------------------------------------------------------------------------------------------
 OPTIMIZE_OPTIONS = ["--output", "-o", "--method", "--bits", "--block-size", "--rank", "--bits-per-weight",
                     "--exclude", "--min-elements", "--asymmetric", "--no-validate", "--max-rel-error",
-                    "--keep-on-fail", "--report", "--input-shape", "--inputs"]
+                    "--keep-on-fail", "--report", "--input-shape", "--inputs", "--external-data"]
 HELP = {
     "optimize": OPTIMIZE_OPTIONS,
     "inspect": ["--json", "--min-elements"],
@@ -482,3 +482,17 @@ def test_missing_output_option_real_process(model_path):
     proc = run_process("optimize", model_path)
     assert proc.returncode == 2
     assert "'-o' / '--output'" in error_line(proc.stderr)
+
+
+def test_external_data_flag_writes_tensors_next_to_the_output(tmp_path, outdir, model_path):
+    before = sha256(model_path)
+    out = outdir / "m.onnx"
+    r = invoke("optimize", model_path, "-o", out, "--method", "rtn", "--bits", "4", "--external-data")
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(outdir)) == ["m.onnx", "m.onnx.data"]
+    assert sha256(model_path) == before
+    header = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+    assert (outdir / "m.onnx.data").stat().st_size >= 128 * 64 // 2  # the 4-bit codes at least
+    feeds = feeds_for(matmul_model())
+    assert rel_l2(run_model(model_path, feeds)[0], run_model(out, feeds)[0]) < 0.1
