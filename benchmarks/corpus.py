@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,26 +24,20 @@ import onnx
 
 from models import corpus
 
+from .metrics import measured_process
 from .peers import ort_dynamic_int8, ort_matmul_nbits
 
 FEEDS = 8
 
 
 def run_qsdonnx(src: Path, dst: Path, args: list[str]) -> dict:
-    """One ``qsdonnx optimize`` process: exit code, its last stderr line, wall time, peak RSS."""
+    """One ``qsdonnx optimize`` process: exit code, its error line, wall time, its own peak RSS."""
     report = dst.with_suffix(".json")
-    cmd = [sys.executable, "-m", "qsdonnx.cli", "optimize", str(src), "-o", str(dst), "--report", str(report),
-           *args]
-    log = dst.with_suffix(".log")
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS, not this process's
-    seconds = time.perf_counter() - start
-    rc = os.waitstatus_to_exitcode(status)
-    lines = [l for l in log.read_text().strip().splitlines() if l.startswith("error:")]
-    return {"rc": rc, "error": lines[-1] if lines else "", "seconds": seconds, "rss_mib": usage.ru_maxrss / 1024,
-            "report": json.loads(report.read_text()) if rc == 0 and report.exists() else None}
+    res = measured_process("qsdonnx.cli", ["optimize", str(src), "-o", str(dst), "--report", str(report), *args],
+                           dst.with_suffix(".log"))
+    lines = [l for l in res["output"].strip().splitlines() if l.startswith("error:")]
+    return {"rc": res["rc"], "error": lines[-1] if lines else "", "seconds": res["seconds"],
+            "rss_mib": res["rss_mib"], "report": json.loads(report.read_text()) if res["rc"] == 0 else None}
 
 
 def outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
@@ -58,11 +50,11 @@ def outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
                             for p in per]) for i in range(len(names))]
 
 
-def errors(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+def errors(ref: list[np.ndarray], got: list[np.ndarray], labels: bool = True) -> dict:
     rel = max(float(np.linalg.norm((r - g).astype(np.float64)) / max(np.linalg.norm(r.astype(np.float64)), 1e-30))
               for r, g in zip(ref, got))
     first, other = ref[0], got[0]
-    top1 = (float(np.mean(first.argmax(-1) == other.argmax(-1))) if first.ndim >= 2 and first.shape[-1] > 1
+    top1 = (float(np.mean(first.argmax(-1) == other.argmax(-1))) if labels and first.ndim >= 2 and first.shape[-1] > 1
             else None)
     return {"rel_l2": rel, "top1": top1}
 
@@ -99,7 +91,7 @@ def bench_model(entry: corpus.CorpusModel, work: Path) -> dict:
             found, done, share, sub = weight_share(res["report"])
             cell.update(found=found, compressed=done, byte_share=share, in_subgraphs=sub,
                         file_ratio=dst.stat().st_size / size, checks=checks(dst),
-                        bpw=res["report"]["totals"]["bits_per_weight"], **errors(ref, outputs(dst, feeds)))
+                        bpw=res["report"]["totals"]["bits_per_weight"], **errors(ref, outputs(dst, feeds), entry.labels))
         row[label] = cell
     for label, peer in (("ort_dynamic", ort_dynamic_int8), ("ort_nbits", ort_matmul_nbits)):
         dst = work / f"{entry.name}.{label}.onnx"
@@ -107,7 +99,7 @@ def bench_model(entry: corpus.CorpusModel, work: Path) -> dict:
         cell = {"status": outcome.status, "note": outcome.note}
         if outcome.status in ("ok", "no-op") and dst.exists():
             try:
-                cell.update(file_ratio=dst.stat().st_size / size, **errors(ref, outputs(dst, feeds)))
+                cell.update(file_ratio=dst.stat().st_size / size, **errors(ref, outputs(dst, feeds), entry.labels))
             except Exception as exc:  # noqa: BLE001 - a peer output ONNX Runtime cannot run is a result
                 cell.update(status="error", note=str(exc).splitlines()[0][:120])
         row[label] = cell

