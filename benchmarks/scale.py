@@ -70,8 +70,9 @@ def build(name: str, work: Path) -> Path:
                 wname = f"b{b}.w{j}"
                 offset, length = _write_weight(fh, rows, cols, dtype, seed)
                 seed += 1
-                t = helper.make_tensor(wname, elem, [rows, cols], vals=[])
-                t.ClearField("float_data")
+                t = TensorProto()
+                t.name, t.data_type = wname, elem
+                t.dims.extend([rows, cols])
                 t.data_location = TensorProto.EXTERNAL
                 for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
                     e = t.external_data.add()

@@ -175,12 +175,15 @@ def session(
     intra_op_num_threads: int | None = None,
     accuracy_level_float: bool = True,
     base_dir: Any = None,
+    initializers: Sequence[onnx.TensorProto] = (),
 ):
     """Create an ``onnxruntime.InferenceSession`` for a model file, bytes or ModelProto.
 
     A ModelProto whose initializers are in external data (loaded without it) gets those
     tensors from ``base_dir`` (the folder of the file they came from) as memory-mapped buffers,
-    so the weights are neither copied into the protobuf nor serialized.
+    so the weights are neither copied into the protobuf nor serialized.  ``initializers`` are
+    more tensors of the graph given apart from ``path_or_bytes`` (a ModelProto), handed to ONNX
+    Runtime the same way (e.g. those :func:`qsdonnx.store.structure_copy` left out).
 
     ``providers`` defaults to ``["CPUExecutionProvider"]``. The qsdonnx custom-op
     library is registered when the model uses the ``qsdonnx`` domain.
@@ -199,20 +202,55 @@ def session(
     )
     if providers is None:
         providers = ["CPUExecutionProvider"]
+    keep: list = []
     if isinstance(path_or_bytes, onnx.ModelProto):
-        from .store import is_external, tensor_array
-
-        external = [t for t in path_or_bytes.graph.initializer if is_external(t)]
-        if external:
-            values = [tensor_array(t, base_dir) for t in external]
-            so.add_external_initializers([t.name for t in external],
-                                         [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in values])
-        source: Any = path_or_bytes.SerializeToString()
+        source, keep = _weights_apart(path_or_bytes, base_dir, so, list(initializers))
     elif isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         source = bytes(path_or_bytes)
     else:
         source = os.fspath(path_or_bytes)
-    return ort.InferenceSession(source, sess_options=so, providers=list(providers))
+    sess = ort.InferenceSession(source, sess_options=so, providers=list(providers))
+    sess._qsdonnx_weights = keep  # ONNX Runtime reads these buffers for the session's life
+    return sess
+
+
+def _weights_apart(model: onnx.ModelProto, base_dir: Any, so, extra: list) -> tuple[bytes, list]:
+    """The model's graph serialized without its large initializers, which are handed to ONNX
+    Runtime as buffers instead (memory-mapped external data, or views of the protobuf's bytes):
+    a session costs no second copy of the weights."""
+    import onnxruntime as ort
+
+    from .store import is_external, structure_copy, tensor_array
+
+    inputs = {i.name for i in model.graph.input}
+    light, big = structure_copy(model, whole_bytes_only=True)
+    if any(t.name in inputs for t in big):
+        # Initializers listed as graph inputs (older IRs) are overridable inputs; keep them in.
+        light, big = structure_copy(model, min_bytes=1 << 62)
+    big = big + extra
+    values = []
+    for t in big:
+        if is_external(t):
+            values.append(np.ascontiguousarray(tensor_array(t, base_dir)))
+        elif t.raw_data:
+            from .store import np_dtype
+
+            values.append(np.frombuffer(t.raw_data, dtype=np_dtype(t.data_type)).reshape(tuple(t.dims)))
+        else:
+            values.append(onnx.numpy_helper.to_array(t))
+    ort_values = [ort.OrtValue.ortvalue_from_numpy(v) for v in values]
+    for t, v in zip(big, values):
+        # ONNX Runtime wants each initializer declared in the graph; the stub's data is never read.
+        stub = light.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", "qsdonnx-weights-in-memory"), ("offset", "0"), ("length", str(v.nbytes))):
+            e = stub.external_data.add()
+            e.key, e.value = key, value
+    if big:
+        so.add_external_initializers([t.name for t in big], ort_values)
+    return light.SerializeToString(), [values, ort_values, so]
 
 
 _schema_lock = threading.Lock()

@@ -91,14 +91,22 @@ def external_tensors(model: onnx.ModelProto):
                 yield a.t
 
 
-def structure_copy(model: onnx.ModelProto, min_bytes: int = 1024) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+SUB_BYTE_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1")
+                  if hasattr(onnx.TensorProto, n)}
+
+
+def structure_copy(model: onnx.ModelProto, min_bytes: int = 1024,
+                   whole_bytes_only: bool = False) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
     """A copy of ``model`` whose initializers of at least ``min_bytes`` (and all external ones)
     are left out, with the left-out tensors (not copied: the model's own objects).
 
     Used where a tool needs the graph but not the weights (opset conversion, sessions fed the
-    weights separately), so the weights are never serialized or duplicated.
+    weights separately), so the weights are never serialized or duplicated.  ``whole_bytes_only``
+    keeps packed sub-byte and string tensors in the copy.
     """
-    big = [t for t in model.graph.initializer if is_external(t) or tensor_nbytes(t) >= min_bytes]
+    big = [t for t in model.graph.initializer if is_external(t) or (
+        tensor_nbytes(t) >= min_bytes and not (whole_bytes_only and (t.data_type in SUB_BYTE_TYPES
+                                                                    or t.data_type == onnx.TensorProto.STRING)))]
     names = {t.name for t in big}
     out = onnx.ModelProto()
     _copy_fields(model, out, skip="graph")

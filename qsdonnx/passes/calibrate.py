@@ -7,7 +7,6 @@ input patches in the weight's ``(C, kh, kw)`` order) and added into a float64 ``
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -195,14 +194,16 @@ class CalibratePass(Pass):
                 targets[node.input[0]].append((node, rec))
         if not targets:
             return "nothing to calibrate"
-        model = copy.deepcopy(ctx.model)
+        from ..store import structure_copy
+
+        model, weights = structure_copy(ctx.model)  # the weights go to the session as they are
         existing = {o.name for o in model.graph.output}
         for name in targets:
             if name not in existing:
                 rec_dtype = targets[name][0][1].dtype
                 t = onnx.TensorProto.FLOAT16 if rec_dtype == "float16" else onnx.TensorProto.FLOAT
                 model.graph.output.append(onnx.helper.make_tensor_value_info(name, t, None))
-        sess = session(model, base_dir=ctx.base_dir)
+        sess = session(model, base_dir=ctx.base_dir, initializers=weights)
         names = list(targets)
         accs: dict[str, HessianAccumulator] = {}
         # With CALDERA, every other batch is also summed on its own: the planner fits its

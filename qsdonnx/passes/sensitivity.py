@@ -10,7 +10,6 @@ additive model of the end-to-end error).
 """
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
@@ -33,19 +32,23 @@ def measure_sensitivity(ctx: Context, probes: dict[str, list[tuple[np.ndarray, f
     coarse settings is judged by its worst case."""
     from ..runtime import session
 
-    model = copy.deepcopy(ctx.model)
+    from ..store import structure_copy
+
+    model, big = structure_copy(ctx.model)  # the weights go to the session as they are
     recs = {r.name: r for r in ctx.records if r.name in probes}
     nodes = {node_key(n): n for n in model.graph.node}
     originals: dict[str, np.ndarray] = {}
     keep = []
-    for t in model.graph.initializer:
+    for t in list(model.graph.initializer) + big:
         if t.name in recs:
             originals[t.name] = ctx.weight_array(t)
             model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             keep.append(t)
+    fixed = [t for t in big if t.name not in recs]
+    fixed_names = {t.name for t in fixed}
     del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    model.graph.initializer.extend(t for t in keep if t.name not in fixed_names)
     # Probabilities hide what matters for a decision (a near-tie that flips an argmax moves
     # them very little): outputs made by Softmax are measured on its input, the logits.
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -58,7 +61,7 @@ def measure_sensitivity(ctx: Context, probes: dict[str, list[tuple[np.ndarray, f
             outputs.append(logits)
         else:
             outputs.append(o.name)
-    sess = session(model, base_dir=ctx.base_dir)
+    sess = session(model, base_dir=ctx.base_dir, initializers=fixed)
 
     def run(weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         outs = []
