@@ -136,7 +136,8 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     planner = GlobalPlanPass() if global_plan else PlanPass()
     for p in (planner, FactorizeWeightsPass()):
         p(ctx)
-    before_lowering = copy.deepcopy(ctx.model)
+    # Kept only when a missed --max-rel-error may send the model round again.
+    before_lowering = copy.deepcopy(ctx.model) if cfg.max_rel_error is not None else None
     while True:
         BiasCorrectionPass()(ctx)
         TunePass(cfg.epochs_to_tune)(ctx)

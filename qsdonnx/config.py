@@ -90,6 +90,7 @@ class OptimizeConfig:
     seed: int = 0
     accuracy_level: int = 0
     progress: bool = True
+    jobs: Optional[int] = None  # worker processes for factorization; None: one per core
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -121,6 +122,8 @@ class OptimizeConfig:
             raise ConfigError(f"--max-rel-error must be positive, got {self.max_rel_error}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.jobs is not None and self.jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {self.jobs}")
         if self.num_inputs < 1:
             raise ConfigError(f"--num-inputs must be at least 1, got {self.num_inputs}")
         if self.tune_epochs is not None and self.tune_epochs < 0:

@@ -750,3 +750,22 @@ def test_gemm_beta_constant_not_counted_as_weight_bytes(tmp_path):
     # and the same with C an initializer (beta*C is folded and not counted)
     _, _, res2 = optimize_file(tmp_path, gemm_model(rank=8, beta=2.0), out_name="c_init.onnx", method="svd", rank=8)
     assert res2.report.layers[0]["bytes_after"] == (128 * 8 + 8 * 64) * 4
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_jobs_give_identical_bytes(tmp_path, monkeypatch, method):
+    import qsdonnx.passes.factorize as fz
+
+    monkeypatch.setattr(fz, "PARALLEL_MIN_ELEMENTS", 0)  # the test model is small
+    calls = []
+    real = fz.factorized
+    monkeypatch.setattr(fz, "factorized", lambda jobs, workers: calls.append(workers) or real(jobs, workers))
+    model = two_layer_model()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{model.graph.input[0].name: randn((32, 128), 8)})
+    opts = dict(method=method, bits=4, calib=calib if method == "gptq" else None, tune_epochs=0, rotate=False)
+    _, one, _ = optimize_file(tmp_path, model, out_name="one.onnx", jobs=1, **opts)
+    _, two, res = optimize_file(tmp_path, model, out_name="two.onnx", jobs=2, **opts)
+    assert calls == [2]  # the second run did go through two workers
+    assert one.read_bytes() == two.read_bytes()
+    assert all(l["status"] == "compressed" for l in res.report.layers)

@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from .workers import PARALLEL_MIN_ELEMENTS, default_jobs, factorized
 from ..factorize.budget import lowrank_nbytes, qsd_nbytes, rank_for_budget, rtn_nbytes
 from ..factorize.linalg import weighted_error_fast
 from ..factorize.lplr import lplr_factorize
@@ -318,8 +319,28 @@ class FactorizeWeightsPass(Pass):
     def run(self, ctx: Context) -> str:
         cfg = ctx.config
         todo = ctx.candidates()
+        pending = [rec for rec in todo if rec.name not in ctx.factorizations]
+        workers = min(cfg.jobs or default_jobs(), len(pending))
+        numel = sum(int(np.prod(rec.matrix_shape)) for rec in pending)
+        if workers > 1 and numel >= PARALLEL_MIN_ELEMENTS:
+            # Weights not already computed by the global planner go to worker processes.
+            def jobs():
+                for rec in pending:
+                    H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
+                    dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
+                    yield np.ascontiguousarray(ctx.weights[rec.name]), LayerChoice.of(rec), cfg, H, dense
+
+            results = factorized(jobs(), workers)
+            for rec in tqdm(pending, desc=f"factorizing ({workers} workers)", unit="weight",
+                            disable=not cfg.progress, leave=False):
+                ctx.factorizations[rec.name] = next(results)
+                measure_layer(rec, ctx.weights[rec.name], ctx.factorizations[rec.name],
+                              ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None)
+                rec.status = "compressed"
         bar = tqdm(todo, desc="factorizing", unit="weight", disable=not cfg.progress, leave=False)
         for rec in bar:
+            if rec.status == "compressed":
+                continue
             W = ctx.weights[rec.name]
             H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
             f = ctx.factorizations.get(rec.name)
@@ -330,7 +351,8 @@ class FactorizeWeightsPass(Pass):
             measure_layer(rec, W, f, H)
             rec.status = "compressed"
             ctx.factorizations[rec.name] = f
-        return f"{len(todo)} weights factorized"
+        return f"{len(todo)} weights factorized" + (f" ({workers} workers)" if workers > 1
+                                                   and numel >= PARALLEL_MIN_ELEMENTS else "")
 
 
 # --- the global planner -----------------------------------------------------------------------
