@@ -119,7 +119,14 @@ q.model.save_model_to_file(sys.argv[2], use_external_data_format=True)
 
 
 def output_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    """Bytes of a model file and the external data files it names."""
+    import onnx
+
+    from qsdonnx.store import external_info, is_external
+
+    m = onnx.load(str(path), load_external_data=False)
+    files = {external_info(t)["location"] for t in m.graph.initializer if is_external(t)}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
 
 
 def rel_error(src: Path, out: Path, dtype) -> float:

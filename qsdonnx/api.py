@@ -17,7 +17,7 @@ from .passes.bias import BiasCorrectionPass
 from .passes.canonicalize import QUANTIZED_OPS, FindWeightsPass
 from .passes.factorize import FactorizeWeightsPass, GlobalPlanPass, PlanPass
 from .passes.load import LoadPass, load_model
-from .passes.lower_qdq import LowerQdqPass, required_opset
+from .passes.lower_qdq import LowerQdqPass, planned_opset, required_opset
 from .passes.tune import TunePass
 from .passes.save import PrepareOpsetPass, check_output_path, save_model
 from .passes.validate import ValidatePass, compare_models, generated_inputs, load_feeds
@@ -134,8 +134,20 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     # The global plan needs a budget; "auto" without data or budget is round-to-nearest at --bits.
     global_plan = cfg.bits_per_weight is not None or (cfg.method == "auto" and ctx.calibration)
     planner = GlobalPlanPass() if global_plan else PlanPass()
-    for p in (planner, FactorizeWeightsPass()):
-        p(ctx)
+    planner(ctx)
+    if _streams(ctx, planner):
+        # Nothing later needs every weight's factors at once: each weight is lowered as soon as
+        # it is factorized and its factors dropped, so memory holds one weight, not the model.
+        PrepareOpsetPass(planned_opset(ctx))(ctx)
+        lowering = _lowering(cfg)
+        lowering.begin(ctx)
+        FactorizeWeightsPass(sink=lowering.lower_one)(ctx)
+        with stage(lowering.name):
+            log.info("%s: %s", lowering.name, lowering.finish(ctx))
+        if cfg.validate:
+            ValidatePass()(ctx)
+        return _finish(ctx, cfg, output)
+    FactorizeWeightsPass()(ctx)
     # Kept only when a missed --max-rel-error may send the model round again.
     before_lowering = copy.deepcopy(ctx.model) if cfg.max_rel_error is not None else None
     while True:
@@ -166,6 +178,20 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
             if not cfg.keep_on_fail:
                 raise ValidationFailed(msg + "; nothing written (use --keep-on-fail to keep the model)")
             log.warning(msg)
+    return _finish(ctx, cfg, output, passed)
+
+
+def _streams(ctx: Context, planner) -> bool:
+    """Whether each weight can be lowered right after it is factorized: no pass between the two
+    needs all factors (bias correction and tuning need calibration; the spend-more loop re-plans),
+    and the opset the lowering needs is known from the plan."""
+    cfg = ctx.config
+    return (not ctx.calibration and cfg.epochs_to_tune == 0 and cfg.max_rel_error is None
+            and isinstance(planner, PlanPass) and not ctx.factorizations and planned_opset(ctx) is not None)
+
+
+def _finish(ctx: Context, cfg: OptimizeConfig, output, passed: bool = True) -> OptimizeResult:
+    """Writes the output and the report."""
     size = None
     if output is not None:
         import time

@@ -75,6 +75,7 @@ class GraphEdit:
             if n.name:
                 self.taken.add(n.name)
         self.new_initializers: list[onnx.TensorProto] = []
+        self.committed_bytes = 0  # bytes of new initializers already moved into the graph
         self.before: dict[int, list[onnx.NodeProto]] = {}  # node index -> nodes emitted before it
         self.replace: dict[int, list[onnx.NodeProto]] = {}
         # protobuf hands out new wrapper objects on each access, so nodes are keyed by name.
@@ -124,7 +125,7 @@ class GraphEdit:
             self.before.setdefault(i, []).extend(prelude)
 
     def new_initializer_bytes(self) -> int:
-        return sum(tensor_nbytes(t) for t in self.new_initializers)
+        return self.committed_bytes + sum(tensor_nbytes(t) for t in self.new_initializers)
 
     def commit(self) -> None:
         nodes: list[onnx.NodeProto] = []
@@ -133,7 +134,12 @@ class GraphEdit:
             nodes.extend(self.replace.get(i, [n]))
         del self.graph.node[:]
         self.graph.node.extend(nodes)
-        self.graph.initializer.extend(self.new_initializers)
+        # Moved one at a time (appending copies a tensor), so no tensor is held twice for long.
+        self.new_initializers.reverse()
+        while self.new_initializers:
+            t = self.new_initializers.pop()
+            self.committed_bytes += tensor_nbytes(t)
+            self.graph.initializer.append(t)
         remove_unused_initializers(self.model)
 
 

@@ -231,7 +231,7 @@ def _weights_apart(model: onnx.ModelProto, base_dir: Any, so, extra: list) -> tu
     values = []
     for t in big:
         if is_external(t):
-            values.append(np.ascontiguousarray(tensor_array(t, base_dir)))
+            values.append(np.ascontiguousarray(tensor_array(t, base_dir, mapped=True)))
         elif t.raw_data:
             from .store import np_dtype
 

@@ -1,10 +1,10 @@
-"""Tensor data kept out of the graph: external data is memory-mapped and read when asked.
+"""Tensor data kept out of the graph: external data is read when asked, one tensor at a time.
 
 A model is loaded without its external data (``onnx.load(..., load_external_data=False)``):
 its graph is small and is edited freely, and each large tensor is a reference (file, offset,
-length) into a data file next to the model.  :func:`tensor_array` turns such a reference into a
-read-only numpy view of the mapped file, so a weight costs memory only while it is being
-used, and the page cache, not the process, holds what was read.
+length) into a data file next to the model.  :func:`tensor_array` reads such a reference into a
+read-only numpy array, so a weight costs memory only while it is being used, and the page
+cache, not the process, keeps what was read.
 """
 from __future__ import annotations
 
@@ -43,9 +43,10 @@ def np_dtype(data_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
 
 
-def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> np.ndarray:
-    """The values of ``tensor``: from the protobuf, or a read-only view of its memory-mapped
-    external data file (``base_dir`` is the model's folder)."""
+def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path], mapped: bool = False) -> np.ndarray:
+    """The values of ``tensor``: from the protobuf, or read (read-only) from its external data
+    file (``base_dir`` is the model's folder). ``mapped`` gives a view of the memory-mapped file
+    instead (for ONNX Runtime sessions, which hold every weight anyway: the page cache is shared)."""
     if not is_external(tensor):
         return numpy_helper.to_array(tensor)
     info = external_info(tensor)
@@ -55,7 +56,6 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> np.ndarr
     offset = int(info.get("offset", 0) or 0)
     dtype = np_dtype(tensor.data_type)
     count = int(np.prod(tensor.dims)) if tensor.dims else 1
-    m = _mapped(path)
     if dtype.itemsize == 0 or tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
                                                    onnx.TensorProto.INT2, onnx.TensorProto.UINT2,
                                                    onnx.TensorProto.STRING):
@@ -64,7 +64,19 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> np.ndarr
         t.CopyFrom(tensor)
         onnx.external_data_helper.load_external_data_for_tensor(t, str(base_dir))
         return numpy_helper.to_array(t)
-    arr = np.frombuffer(m, dtype=dtype, count=count, offset=offset) if count else np.zeros(0, dtype)
+    if not count:
+        return np.zeros(tuple(tensor.dims), dtype)
+    if mapped:
+        return np.frombuffer(_mapped(path), dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
+    # A private copy, read from the (page-cached) file: it costs memory only while the caller
+    # holds it. A view of the mapping would stay in the process's resident set once touched,
+    # so a pass reading every weight would end up holding the whole model.
+    arr = np.empty(count, dtype)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        if fh.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+            raise ValueError(f"external data of tensor {tensor.name!r} is shorter than its shape needs")
+    arr.flags.writeable = False
     return arr.reshape(tuple(tensor.dims))
 
 

@@ -496,3 +496,21 @@ def test_external_data_flag_writes_tensors_next_to_the_output(tmp_path, outdir, 
     assert (outdir / "m.onnx.data").stat().st_size >= 128 * 64 // 2  # the 4-bit codes at least
     feeds = feeds_for(matmul_model())
     assert rel_l2(run_model(model_path, feeds)[0], run_model(out, feeds)[0]) < 0.1
+
+
+def test_output_over_the_protobuf_limit(tmp_path, outdir, model_path, monkeypatch):
+    """An output over the one-file limit goes to external data by itself, and
+    --no-external-data refuses it with one line and leaves nothing behind."""
+    from qsdonnx.passes import save
+
+    monkeypatch.setattr(save, "PROTOBUF_LIMIT", 2000)  # the test model's output is about 5 kB
+    r = invoke("optimize", model_path, "-o", outdir / "m.onnx", "--method", "rtn", "--bits", "4",
+               "--no-external-data")
+    assert r.exit_code == 2, r.output
+    assert "over protobuf's 2 GB limit" in error_line(r.output)
+    assert os.listdir(outdir) == []
+    r = invoke("optimize", model_path, "-o", outdir / "m.onnx", "--method", "rtn", "--bits", "4")
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(outdir)) == ["m.onnx", "m.onnx.data"]
+    feeds = feeds_for(matmul_model())
+    assert rel_l2(run_model(model_path, feeds)[0], run_model(outdir / "m.onnx", feeds)[0]) < 0.1

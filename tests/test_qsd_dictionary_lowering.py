@@ -39,7 +39,7 @@ def decode_model(m: DictionaryMatrix) -> tuple[onnx.ModelProto, int]:
     model.graph.node.extend(em.prelude)
     edit.commit()
     model.graph.output.append(h.make_tensor_value_info(out, T.FLOAT, [K, N]))
-    own = sum(tensor_nbytes(t) for t in edit.new_initializers if t.name.startswith("W.qsd."))
+    own = sum(tensor_nbytes(t) for t in model.graph.initializer if t.name.startswith("W.qsd."))
     return model, own
 
 

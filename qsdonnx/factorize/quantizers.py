@@ -106,19 +106,31 @@ def block_view(W: np.ndarray, block_size: int) -> np.ndarray:
     return W.reshape(kb, block_size, N)
 
 
+# Elementwise work on a large matrix runs over slices of its columns, so the temporaries of one
+# step (quotients, rounded codes, errors) stay near this many elements, not the matrix's size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def column_slices(rows: int, cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(rows, 1))
+    return [slice(j, min(j + step, cols)) for j in range(0, cols, step)]
+
+
 def quantize_with_grid(W: np.ndarray, scales: np.ndarray, zero_points: Optional[np.ndarray],
                        bits: int, block_size: int, scale_dtype: str,
                        levels: Optional[int] = None) -> QuantizedMatrix:
     """Round ``W`` onto a given block grid (scales already in stored precision)."""
     symmetric = zero_points is None
     qmin, qmax = code_range(bits, symmetric, levels)
-    K = W.shape[0]
-    s = torch.from_numpy(np.repeat(scales, block_size, axis=0)[:K])
-    z = None
-    if zero_points is not None:
-        z = torch.from_numpy(np.repeat(zero_points.astype(np.float32), block_size, axis=0)[:K])
-    c = quantize_t(torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)), s, z, qmin, qmax)
-    codes = c.numpy().astype(np.int8 if symmetric else np.uint8)
+    K, N = W.shape
+    codes = np.empty((K, N), np.int8 if symmetric else np.uint8)
+    for cols in column_slices(K, N):
+        s = torch.from_numpy(np.repeat(scales[:, cols], block_size, axis=0)[:K])
+        z = None
+        if zero_points is not None:
+            z = torch.from_numpy(np.repeat(zero_points[:, cols].astype(np.float32), block_size, axis=0)[:K])
+        c = quantize_t(torch.from_numpy(np.ascontiguousarray(W[:, cols], dtype=np.float32)), s, z, qmin, qmax)
+        codes[:, cols] = c.numpy()
     return QuantizedMatrix(codes=codes, scales=scales.astype(np.float32), zero_points=zero_points,
                            bits=bits, block_size=block_size, scale_dtype=scale_dtype, levels=levels)
 
@@ -133,6 +145,12 @@ def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str,
     grids of the range shrunk by each factor in ``CLIP_FACTORS``: clipping a few extreme values
     buys a finer step for all the others (``Wb``: ``(k_blocks, block, N)``).  ``row_weights``
     (``(k_blocks, block)``) weights each row's error, e.g. by its input's energy ``diag(H)``."""
+    slices = column_slices(Wb.shape[0] * Wb.shape[1], Wb.shape[2])
+    if len(slices) > 1:  # each column's grid is its own: solved a slice of columns at a time
+        parts = [mse_grid(Wb[:, :, cols], bits, symmetric, scale_dtype, row_weights, levels) for cols in slices]
+        s = np.concatenate([p[0] for p in parts], axis=1)
+        z = None if parts[0][1] is None else np.concatenate([p[1] for p in parts], axis=1)
+        return s, z
     lo, hi = Wb.min(axis=1), Wb.max(axis=1)
     qmin, qmax = code_range(bits, symmetric, levels)
     best_err = best_s = best_z = None

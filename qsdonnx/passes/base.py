@@ -90,7 +90,7 @@ class Context:
     calib_split: Optional[tuple] = None  # (fitting batches, held-out batches) of the calibration data
 
     def weight_array(self, tensor: onnx.TensorProto) -> np.ndarray:
-        """A tensor's values, read from the protobuf or its (memory-mapped) external data."""
+        """A tensor's values, read from the protobuf or from its external data (a private copy)."""
         from ..store import tensor_array
 
         return tensor_array(tensor, self.base_dir)

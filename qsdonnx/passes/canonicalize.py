@@ -86,7 +86,7 @@ def weight_from_matrix(op: str, matrix: np.ndarray, shape: tuple[int, ...], attr
 
 class WeightMatrices(MutableMapping):
     """``name -> (K, N)`` float32 matrix of every candidate weight, read from the model's
-    initializer (or its memory-mapped external data) each time it is asked for and not kept:
+    initializer (or its external data) each time it is asked for and not kept:
     only weights a pass replaced (``ctx.weights[name] = W``, e.g. rotated ones) are held."""
 
     def __init__(self, ctx: Context):

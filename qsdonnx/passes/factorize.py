@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -316,11 +317,25 @@ class FactorizeWeightsPass(Pass):
 
     name = "factorize"
 
+    def __init__(self, sink=None):
+        # ``sink(ctx, rec, f)``, when given, takes each factorization as soon as it is measured
+        # (the lowering, in streamed runs); the factors are then not kept.
+        self.sink = sink
+
+    def _done(self, ctx: Context, rec, f) -> None:
+        rec.status = "compressed"
+        if self.sink is not None:
+            self.sink(ctx, rec, f)
+            f = None
+        ctx.factorizations[rec.name] = f
+
     def run(self, ctx: Context) -> str:
         cfg = ctx.config
         todo = ctx.candidates()
         pending = [rec for rec in todo if rec.name not in ctx.factorizations]
         workers = min(cfg.jobs or default_jobs(), len(pending))
+        if multiprocessing.current_process().daemon:
+            workers = 1
         numel = sum(int(np.prod(rec.matrix_shape)) for rec in pending)
         if workers > 1 and numel >= PARALLEL_MIN_ELEMENTS:
             # Weights not already computed by the global planner go to worker processes.
@@ -333,10 +348,10 @@ class FactorizeWeightsPass(Pass):
             results = factorized(jobs(), workers)
             for rec in tqdm(pending, desc=f"factorizing ({workers} workers)", unit="weight",
                             disable=not cfg.progress, leave=False):
-                ctx.factorizations[rec.name] = next(results)
-                measure_layer(rec, ctx.weights[rec.name], ctx.factorizations[rec.name],
+                f = next(results)
+                measure_layer(rec, ctx.weights[rec.name], f,
                               ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None)
-                rec.status = "compressed"
+                self._done(ctx, rec, f)
         bar = tqdm(todo, desc="factorizing", unit="weight", disable=not cfg.progress, leave=False)
         for rec in bar:
             if rec.status == "compressed":
@@ -349,8 +364,8 @@ class FactorizeWeightsPass(Pass):
                 dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
                 f = run_choice(W, choice, cfg, H, dense)
             measure_layer(rec, W, f, H)
-            rec.status = "compressed"
-            ctx.factorizations[rec.name] = f
+            del W
+            self._done(ctx, rec, f)
         return f"{len(todo)} weights factorized" + (f" ({workers} workers)" if workers > 1
                                                    and numel >= PARALLEL_MIN_ELEMENTS else "")
 

@@ -137,10 +137,13 @@ class LowerFusedPass(LowerQdqPass):
             return None, None
         return add, other
 
-    def run(self, ctx) -> str:
+    def begin(self, ctx) -> None:
         self._index = None
         register_onnx_schema()  # lets onnx.checker and shape inference see the op's output type
-        summary = super().run(ctx)
+        super().begin(ctx)
+
+    def finish(self, ctx) -> str:
+        summary = super().finish(ctx)
         if any(n.domain == DOMAIN for n in ctx.model.graph.node) and \
                 not any(op.domain == DOMAIN for op in ctx.model.opset_import):
             ctx.model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OP_VERSION))

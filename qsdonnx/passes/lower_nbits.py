@@ -67,8 +67,8 @@ class LowerNbitsPass(LowerQdqPass):
     def __init__(self, accuracy_level: int = 0):
         self.emitter = type("NbitsEmitterL", (NbitsEmitter,), {"accuracy_level": accuracy_level})
 
-    def run(self, ctx) -> str:
-        summary = super().run(ctx)
+    def finish(self, ctx) -> str:
+        summary = super().finish(ctx)
         if not any(op.domain == MS_DOMAIN for op in ctx.model.opset_import):
             ctx.model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
         return summary

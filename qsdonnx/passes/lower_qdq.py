@@ -790,29 +790,57 @@ class LowerQdqPass(Pass):
                      rec: WeightRecord) -> list[onnx.NodeProto]:
         return lower_matmul_like(edit, em, node)
 
+    # A pass in three steps, so that a weight can be lowered as soon as it is factorized
+    # (``FactorizeWeightsPass(sink=...)``) and its factors dropped, instead of all at the end.
+    def begin(self, ctx: Context) -> None:
+        self._edit = GraphEdit(ctx.model, ctx.base_dir)
+        self._lowered = 0
+
+    def lower_one(self, ctx: Context, rec: WeightRecord, f) -> None:
+        """Rewrites the consumers of one compressed weight."""
+        edit = self._edit
+        before = edit.new_initializer_bytes()
+        em = self.emitter(edit, rec, f)
+        consumers = [n for n in ctx.model.graph.node if node_key(n) in rec.nodes]
+        for node in consumers:
+            if rec.op in ("MatMul", "Gemm"):
+                new = self.lower_matmul(edit, em, node, rec)
+            elif rec.op == "Conv":
+                new = lower_conv(edit, em, node, rec)
+            elif rec.op in IN_PLACE_OPS:
+                new = lower_in_place(edit, em, node, rec)
+            else:
+                new = lower_gather(edit, em, node, rec)
+            # Parts are emitted once, right before the first consumer that needs them.
+            edit.replace_node(node, new, prelude=em.prelude)
+            em.prelude = []
+        rec.bytes_after = edit.new_initializer_bytes() - before - em.other_bytes
+        self._lowered += 1
+
+    def finish(self, ctx: Context) -> str:
+        self._edit.commit()
+        self._edit = None
+        return f"{self._lowered} weights lowered ({self.name})"
+
     def run(self, ctx: Context) -> str:
-        edit = GraphEdit(ctx.model, ctx.base_dir)
-        lowered = 0
+        self.begin(ctx)
         for name, f in ctx.factorizations.items():
             rec = ctx.record(name)
-            if rec.status != "compressed":
+            if rec.status != "compressed" or f is None:
                 continue
-            before = edit.new_initializer_bytes()
-            em = self.emitter(edit, rec, f)
-            consumers = [n for n in ctx.model.graph.node if node_key(n) in rec.nodes]
-            for node in consumers:
-                if rec.op in ("MatMul", "Gemm"):
-                    new = self.lower_matmul(edit, em, node, rec)
-                elif rec.op == "Conv":
-                    new = lower_conv(edit, em, node, rec)
-                elif rec.op in IN_PLACE_OPS:
-                    new = lower_in_place(edit, em, node, rec)
-                else:
-                    new = lower_gather(edit, em, node, rec)
-                # Parts are emitted once, right before the first consumer that needs them.
-                edit.replace_node(node, new, prelude=em.prelude)
-                em.prelude = []
-            rec.bytes_after = edit.new_initializer_bytes() - before - em.other_bytes
-            lowered += 1
-        edit.commit()
-        return f"{lowered} weights lowered ({self.name})"
+            self.lower_one(ctx, rec, f)
+            # The factors now live in the graph's tensors; the arrays are dropped.
+            ctx.factorizations[name] = None
+        return self.finish(ctx)
+
+
+def planned_opset(ctx: Context) -> Optional[int]:
+    """:func:`required_opset` known from the plan alone, before any weight is factorized: when
+    every planned weight is block-quantized codes only (rtn, gptq); None otherwise."""
+    need = MIN_OPSET
+    for rec in ctx.candidates():
+        if rec.method not in ("rtn", "gptq") or rec.rank:
+            return None
+        if rec.view != "embedding" and rec.bits <= 2:
+            need = INT2_OPSET
+    return need

@@ -168,9 +168,10 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_di
 
     Tensors go to ``<output>.data`` when the model with all its tensors would pass protobuf's
     2 GB limit, or when ``external_data`` is True: written one at a time, each read from the
-    protobuf or from the input's memory-mapped external data (``base_dir``) and released from
+    protobuf or from the input's external data (``base_dir``) and released from
     the protobuf once written, so the output is never held in memory as a whole.  Otherwise
-    tensors still in the input's external data are read into the model.  Returns the bytes
+    the model is serialized one large tensor at a time (tensors still in the input's external
+    data are read one at a time and written inline).  Returns the bytes
     written (model + data).
     """
     from ..store import is_external, tensor_array, tensor_nbytes
@@ -179,19 +180,20 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_di
     parent = output.resolve().parent
     total = model.ByteSize() + sum(tensor_nbytes(t) for t in model.graph.initializer if is_external(t))
     external = total > PROTOBUF_LIMIT if external_data is None else external_data
+    if not external and total > PROTOBUF_LIMIT:
+        raise OutputError(f"the output would be {total / 2**30:.2f} GiB, over protobuf's 2 GB limit for one "
+                          "file: it needs its tensors in external data (drop --no-external-data)")
     data_name = output.name + ".data"
     tmpdir = Path(tempfile.mkdtemp(prefix=".qsdonnx-", dir=parent))
     try:
         tmp_model = tmpdir / output.name
         if external:
             _write_tensors(model, tmpdir / data_name, data_name, base_dir)
-        else:
-            for t in model.graph.initializer:
-                if is_external(t):
-                    values = tensor_array(t, base_dir)
-                    t.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(values), t.name))
         with open(tmp_model, "wb") as fh:
-            fh.write(model.SerializeToString())
+            if external:  # only the graph and small tensors are left in the protobuf
+                fh.write(model.SerializeToString())
+            else:
+                _write_streamed(model, fh, base_dir)
         if check:
             try:
                 onnx.checker.check_model(str(tmp_model), full_check=True)
@@ -209,6 +211,65 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_di
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, size: int) -> bytes:
+    """The key and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(size)
+
+
+GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+RAW_DATA_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def _write_streamed(model: onnx.ModelProto, fh, base_dir: Optional[Path]) -> None:
+    """Serializes ``model`` into ``fh`` one large tensor at a time, so that the file is never
+    built in memory as a whole: the model without its large initializers, then each of them
+    as one more ``initializer`` field of the graph (protobuf joins repeated fields in order).
+    Tensors in the input's external data are read one at a time and written inline."""
+    from ..store import _copy_fields, is_external, np_dtype, structure_copy, tensor_array
+
+    light, big = structure_copy(model)
+    stubs = []
+    for t in big:
+        if is_external(t):
+            stub = onnx.TensorProto()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            n = int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize if t.dims else 0
+            size = stub.ByteSize() + len(_field(RAW_DATA_FIELD, n)) + n
+            stubs.append((t, stub, size))
+        else:
+            stubs.append((t, None, t.ByteSize()))
+    head = onnx.ModelProto()
+    _copy_fields(light, head, skip="graph")
+    graph = light.graph.SerializeToString()
+    graph_size = len(graph) + sum(len(_field(INITIALIZER_FIELD, size)) + size for _, _, size in stubs)
+    fh.write(head.SerializeToString())
+    fh.write(_field(GRAPH_FIELD, graph_size))
+    fh.write(graph)
+    del graph
+    for t, stub, size in stubs:
+        fh.write(_field(INITIALIZER_FIELD, size))
+        if stub is None:
+            data = t.SerializeToString()
+        else:
+            stub.raw_data = np.ascontiguousarray(tensor_array(t, base_dir)).tobytes()
+            data = stub.SerializeToString()
+            stub.ClearField("raw_data")
+        if len(data) != size:
+            raise RuntimeError(f"tensor {t.name}: serialized {len(data)} bytes, expected {size}")
+        fh.write(data)
 
 
 def _write_tensors(model: onnx.ModelProto, path: Path, location: str, base_dir: Optional[Path]) -> None:
