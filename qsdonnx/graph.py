@@ -166,11 +166,12 @@ def consumed_names(model: onnx.ModelProto) -> set[str]:
 def remove_unused_initializers(model: onnx.ModelProto) -> list[str]:
     """Drop initializers no node (in any subgraph) and no graph output refers to."""
     used = consumed_names(model)
-    keep = [t for t in model.graph.initializer if t.name in used]
-    dropped = [t.name for t in model.graph.initializer if t.name not in used]
+    gone = [i for i, t in enumerate(model.graph.initializer) if t.name not in used]
+    dropped = [model.graph.initializer[i].name for i in gone]
     if dropped:
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+        # Deleted in place: re-adding the kept ones would copy every tensor.
+        for i in reversed(gone):
+            del model.graph.initializer[i]
         names = set(dropped)
         inputs = [i for i in model.graph.input if i.name not in names]
         del model.graph.input[:]

@@ -514,3 +514,30 @@ def test_output_over_the_protobuf_limit(tmp_path, outdir, model_path, monkeypatc
     assert sorted(os.listdir(outdir)) == ["m.onnx", "m.onnx.data"]
     feeds = feeds_for(matmul_model())
     assert rel_l2(run_model(model_path, feeds)[0], run_model(outdir / "m.onnx", feeds)[0]) < 0.1
+
+
+def test_output_check_sees_shapes_without_the_weights(tmp_path):
+    """The output check runs onnx's full check on the graph with its weights left out: a wrong
+    shape is still caught (and nothing is written), a right one passes and is loadable."""
+    from onnx import helper, numpy_helper
+
+    from qsdonnx.errors import OutputError
+    from qsdonnx.passes.save import save_model
+
+    W = numpy_helper.from_array(np.ones((64, 64), np.float32), "W")  # 16 kB: left out of the check
+    for out_dim in (32, 64):
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, out_dim])], [W])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        out = tmp_path / f"m{out_dim}.onnx"
+        if out_dim == 32:
+            with pytest.raises(OutputError, match="shape inference"):
+                save_model(m, out)
+            assert os.listdir(tmp_path) == []
+        else:
+            save_model(m, out)
+            assert os.listdir(tmp_path) == [out.name]
+            x = np.ones((1, 64), np.float32)
+            assert np.allclose(run_model(out, {"x": x})[0], 64.0)

@@ -174,11 +174,14 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_di
     data are read one at a time and written inline).  Returns the bytes
     written (model + data).
     """
-    from ..store import is_external, tensor_array, tensor_nbytes
+    from ..store import is_external, structure_copy, tensor_array, tensor_nbytes
 
     output = Path(output)
     parent = output.resolve().parent
-    total = model.ByteSize() + sum(tensor_nbytes(t) for t in model.graph.initializer if is_external(t))
+    # Counted without serializing the model (protobuf's ByteSize encodes the whole message).
+    light, big = structure_copy(model)
+    total = light.ByteSize() + sum(tensor_nbytes(t) + 64 + 4 * len(t.dims) for t in big)
+    del light, big
     external = total > PROTOBUF_LIMIT if external_data is None else external_data
     if not external and total > PROTOBUF_LIMIT:
         raise OutputError(f"the output would be {total / 2**30:.2f} GiB, over protobuf's 2 GB limit for one "
@@ -196,7 +199,7 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_di
                 _write_streamed(model, fh, base_dir)
         if check:
             try:
-                onnx.checker.check_model(str(tmp_model), full_check=True)
+                _check_structure(model, tmpdir / "check")
             except onnx.checker.ValidationError as exc:
                 raise OutputError(f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}") from None
             except onnx.shape_inference.InferenceError as exc:
@@ -211,6 +214,29 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_di
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _check_structure(model: onnx.ModelProto, folder: Path) -> None:
+    """``onnx.checker``'s full check (with shape inference) of ``model``'s graph, its large
+    tensors replaced by external-data references to an empty file: the checker reads no tensor
+    data, so the check costs the graph's memory, not a second copy of the weights."""
+    from ..store import structure_copy, tensor_nbytes
+
+    folder.mkdir()
+    (folder / "tensors.data").touch()
+    light, big = structure_copy(model)
+    for t in big:
+        stub = light.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", "tensors.data"), ("offset", "0"), ("length", str(tensor_nbytes(t)))):
+            e = stub.external_data.add()
+            e.key, e.value = key, value
+    path = folder / "model.onnx"
+    path.write_bytes(light.SerializeToString())
+    del light
+    onnx.checker.check_model(str(path), full_check=True)
 
 
 def _varint(n: int) -> bytes:
