@@ -220,7 +220,7 @@ def _weights_apart(model: onnx.ModelProto, base_dir: Any, so, extra: list) -> tu
     a session costs no second copy of the weights."""
     import onnxruntime as ort
 
-    from .store import is_external, structure_copy, tensor_array
+    from .store import external_stub, is_external, structure_copy, tensor_array
 
     inputs = {i.name for i in model.graph.input}
     light, big = structure_copy(model, whole_bytes_only=True)
@@ -241,13 +241,7 @@ def _weights_apart(model: onnx.ModelProto, base_dir: Any, so, extra: list) -> tu
     ort_values = [ort.OrtValue.ortvalue_from_numpy(v) for v in values]
     for t, v in zip(big, values):
         # ONNX Runtime wants each initializer declared in the graph; the stub's data is never read.
-        stub = light.graph.initializer.add()
-        stub.name, stub.data_type = t.name, t.data_type
-        stub.dims.extend(t.dims)
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", "qsdonnx-weights-in-memory"), ("offset", "0"), ("length", str(v.nbytes))):
-            e = stub.external_data.add()
-            e.key, e.value = key, value
+        light.graph.initializer.append(external_stub(t, "qsdonnx-weights-in-memory", v.nbytes))
     if big:
         so.add_external_initializers([t.name for t in big], ort_values)
     return light.SerializeToString(), [values, ort_values, so]

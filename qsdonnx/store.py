@@ -107,6 +107,19 @@ SUB_BYTE_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "INT2"
                   if hasattr(onnx.TensorProto, n)}
 
 
+def external_stub(tensor: onnx.TensorProto, location: str, length: int) -> onnx.TensorProto:
+    """A tensor with ``tensor``'s name, type and shape whose data is declared to be ``length``
+    bytes at offset 0 of ``location``: a placeholder for a tensor whose bytes go elsewhere."""
+    stub = onnx.TensorProto()
+    stub.name, stub.data_type = tensor.name, tensor.data_type
+    stub.dims.extend(tensor.dims)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        e = stub.external_data.add()
+        e.key, e.value = key, value
+    return stub
+
+
 def structure_copy(model: onnx.ModelProto, min_bytes: int = 1024,
                    whole_bytes_only: bool = False) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
     """A copy of ``model`` whose initializers of at least ``min_bytes`` (and all external ones)

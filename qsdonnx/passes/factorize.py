@@ -335,7 +335,7 @@ class FactorizeWeightsPass(Pass):
         pending = [rec for rec in todo if rec.name not in ctx.factorizations]
         workers = min(cfg.jobs or default_jobs(), len(pending))
         if multiprocessing.current_process().daemon:
-            workers = 1
+            workers = 1  # a daemonic process (one of a caller's own pools) may not start children
         numel = sum(int(np.prod(rec.matrix_shape)) for rec in pending)
         if workers > 1 and numel >= PARALLEL_MIN_ELEMENTS:
             # Weights not already computed by the global planner go to worker processes.

@@ -34,12 +34,14 @@ def required_opset(ctx: Context) -> int:
     need = MIN_OPSET
     for name, f in ctx.factorizations.items():
         rec = ctx.record(name)
-        if rec.view == "embedding":
-            continue
         for part in (f.q, f.left, f.right):
-            if isinstance(part, QuantizedMatrix) and part.bits <= 2:
-                need = INT2_OPSET
+            if isinstance(part, QuantizedMatrix):
+                need = max(need, _opset_for_codes(rec, part.bits))
     return need
+
+
+def _opset_for_codes(rec: WeightRecord, bits: int) -> int:
+    return INT2_OPSET if rec.view != "embedding" and bits <= 2 else MIN_OPSET
 
 
 class QdqEmitter:
@@ -841,6 +843,5 @@ def planned_opset(ctx: Context) -> Optional[int]:
     for rec in ctx.candidates():
         if rec.method not in ("rtn", "gptq") or rec.rank:
             return None
-        if rec.view != "embedding" and rec.bits <= 2:
-            need = INT2_OPSET
+        need = max(need, _opset_for_codes(rec, rec.bits))
     return need

@@ -220,19 +220,12 @@ def _check_structure(model: onnx.ModelProto, folder: Path) -> None:
     """``onnx.checker``'s full check (with shape inference) of ``model``'s graph, its large
     tensors replaced by external-data references to an empty file: the checker reads no tensor
     data, so the check costs the graph's memory, not a second copy of the weights."""
-    from ..store import structure_copy, tensor_nbytes
+    from ..store import external_stub, structure_copy, tensor_nbytes
 
     folder.mkdir()
     (folder / "tensors.data").touch()
     light, big = structure_copy(model)
-    for t in big:
-        stub = light.graph.initializer.add()
-        stub.name, stub.data_type = t.name, t.data_type
-        stub.dims.extend(t.dims)
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", "tensors.data"), ("offset", "0"), ("length", str(tensor_nbytes(t)))):
-            e = stub.external_data.add()
-            e.key, e.value = key, value
+    light.graph.initializer.extend(external_stub(t, "tensors.data", tensor_nbytes(t)) for t in big)
     path = folder / "model.onnx"
     path.write_bytes(light.SerializeToString())
     del light

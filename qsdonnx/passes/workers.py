@@ -25,9 +25,6 @@ PARALLEL_MIN_ELEMENTS = 1 << 24
 
 
 def default_jobs() -> int:
-    if multiprocessing.current_process().daemon:
-        # A daemonic process (one of a caller's own pools) may not start children.
-        return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
