@@ -27,7 +27,7 @@ from .base import Context, Pass
 
 # Inputs that hold a weight, by op: what the rest of the pipeline compresses.
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
-    "MatMul": (1,), "Gemm": (1,), "Conv": (1,), "Gather": (0,),
+    "MatMul": (0, 1), "Gemm": (1,), "Conv": (1,), "Gather": (0,),
     "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "ConvTranspose": (1,),
 }
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -87,6 +87,35 @@ FOLDS: dict[str, Callable] = {
 FOLD_ARITY = {"Cast": 1, "Transpose": 1, "Reshape": 2, "Unsqueeze": 2, "Squeeze": 2, "Flatten": 1}
 
 
+def einsum_matmul(equation: str, weight: int) -> Optional[bool]:
+    """Whether a two-operand Einsum with a 2-D constant operand (``weight``: 0 or 1) is a MatMul
+    ``X·W``: the activation's last index is summed with one index of the weight and the output
+    is the activation's other indices, in order, then the weight's other index (``...k,kn->...n``,
+    ``bsd,fd->bsf``).  Returns None when it is not; otherwise whether the weight is stored
+    transposed (``(N, K)``)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    ops = lhs.split(",")
+    if len(ops) != 2:
+        return None
+    w, x = ops[weight], ops[1 - weight]
+    if not arrow:  # implicit output: the indices seen once, in alphabetical order, after "..."
+        letters = [c for c in lhs if c.isalpha()]
+        out = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    body = x[3:] if x.startswith("...") else x
+    if len(w) != 2 or not w.isalpha() or w[0] == w[1] or not body.isalpha() or not body:
+        return None
+    if len(set(body)) != len(body) or "." in out[3:] or (out.startswith("...") != x.startswith("...")):
+        return None
+    k = body[-1]
+    if k not in w:
+        return None
+    n = w[1] if w[0] == k else w[0]
+    if n in body or out != x[:-1] + n:
+        return None
+    return w[0] == n
+
+
 class FoldWeightAliasesPass(Pass):
     """Resolves every weight input to an initializer (see the module docstring)."""
 
@@ -99,7 +128,10 @@ class FoldWeightAliasesPass(Pass):
         self.graph_outputs = {o.name for o in graph.output}
         self.ctx = ctx
         self.removed: set[str] = set()  # keys of nodes replaced by an initializer
-        self.lifted = self.folded = self.aliased = 0
+        self.lifted = self.folded = self.aliased = self.einsums = 0
+        for node in graph.node:
+            if node.op_type == "Einsum" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
+                self._einsum_as_matmul(node)
         for node in graph.node:
             for slot in WEIGHT_SLOTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
                 if len(node.input) <= slot or not node.input[slot]:
@@ -111,7 +143,52 @@ class FoldWeightAliasesPass(Pass):
         self._drop_dead_nodes()
         remove_unused_initializers(ctx.model)
         return (f"{self.lifted} Constant-node weights lifted, {self.folded} constant subgraphs folded, "
-                f"{self.aliased} weight inputs read through aliases")
+                f"{self.aliased} weight inputs read through aliases"
+                + (f", {self.einsums} Einsum nodes read as MatMul" if self.einsums else ""))
+
+    def _einsum_as_matmul(self, node: onnx.NodeProto) -> None:
+        """Rewrites an Einsum that is ``X·W`` with a constant 2-D ``W`` (see :func:`einsum_matmul`)
+        into that MatMul (a weight stored ``(N, K)`` becomes a transposed initializer)."""
+        equation = _attr(node, "equation", b"")
+        equation = equation.decode() if isinstance(equation, bytes) else str(equation)
+        for slot in (1, 0):
+            transposed = einsum_matmul(equation, slot)
+            if transposed is None:
+                continue
+            name = node.input[slot]
+            if self._producer_is_constant(name) is False:
+                continue
+            source = self._resolve(name)
+            if source is None or len(self.inits[source].dims) != 2:
+                continue
+            if transposed:
+                t = numpy_helper.from_array(np.ascontiguousarray(self.ctx.weight_array(self.inits[source]).T),
+                                            f"{source}.einsum_t")
+                if t.name not in self.inits:
+                    self.ctx.model.graph.initializer.append(t)
+                    self.inits[t.name] = self.ctx.model.graph.initializer[-1]
+                    chain = self.ctx.folded.get(source, "")
+                    self.ctx.folded[t.name] = f"{chain} -> Einsum transposed".lstrip(" ->")
+                    if source in self.ctx.external:
+                        self.ctx.external.add(t.name)
+                source = t.name
+            x = node.input[1 - slot]
+            node.op_type = "MatMul"
+            del node.attribute[:]
+            del node.input[:]
+            node.input.extend([x, source])
+            self.einsums += 1
+            return
+
+    def _producer_is_constant(self, name: str) -> Optional[bool]:
+        """False when ``name`` is certainly not a constant (a graph input or a computed tensor
+        that no fold resolves); None when :meth:`_resolve` has to decide."""
+        if name in self.inits:
+            return True
+        node = self.producer.get(name)
+        if node is None:
+            return False
+        return None if node.op_type in ("Constant", "Identity") + tuple(FOLDS) else False
 
     def _resolve(self, name: str) -> Optional[str]:
         """The initializer that ``name`` stands for (creating it when a fold is needed), or None."""

@@ -32,7 +32,7 @@ class WeightRecord:
     shape: tuple[int, ...]
     dtype: str  # numpy name of the weight's float type
     location: str  # initializer | constant-node | external-data (+ how it was folded)
-    view: str = ""  # matmul | gemm | conv | conv-grouped | embedding | recurrent
+    view: str = ""  # matmul | matmul-left | gemm | conv | conv-grouped | embedding | recurrent | deconv
     matrix_shape: tuple[int, int] = (0, 0)
     status: str = "candidate"  # candidate | compressed | skipped
     reason: str = ""

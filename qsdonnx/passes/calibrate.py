@@ -187,11 +187,11 @@ class CalibratePass(Pass):
         targets: dict[str, list[tuple[onnx.NodeProto, WeightRecord]]] = defaultdict(list)
         nodes = {node_key(n): n for n in ctx.model.graph.node}
         for rec in ctx.candidates():
-            if rec.view not in ("matmul", "gemm", "conv"):
+            if rec.view not in ("matmul", "matmul-left", "gemm", "conv"):
                 continue
             for nk in rec.nodes:
                 node = nodes[nk]
-                targets[node.input[0]].append((node, rec))
+                targets[node.input[1 if rec.view == "matmul-left" else 0]].append((node, rec))
         if not targets:
             return "nothing to calibrate"
         from ..store import structure_copy
@@ -235,7 +235,7 @@ class CalibratePass(Pass):
                     rows = self._rows(x, node, rec)
                     if rows is None:
                         continue
-                    if mask is not None and rec.view != "conv" and tuple(x.shape[:-1]) == mask.shape:
+                    if mask is not None and rec.view in ("matmul", "gemm") and tuple(x.shape[:-1]) == mask.shape:
                         # Padded positions compute activations no output depends on.
                         rows = rows[torch.from_numpy(mask.reshape(-1))]
                     accs.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
@@ -275,6 +275,10 @@ class CalibratePass(Pass):
             return _conv_rows(x, node_attrs(node), list(rec.shape[2:]))
         if rec.view == "gemm" and node_attrs(node).get("transA", 0):
             x = x.T
+        if rec.view == "matmul-left":
+            # A·X: the input vectors are the columns of X (a 1-D X is one column).
+            x = x.reshape(K, 1) if x.ndim == 1 else x
+            x = x.transpose(-1, -2)
         if x.shape[-1] != K:
             return None
         return x.reshape(-1, K)

@@ -37,16 +37,18 @@ def _walk_subgraph_nodes(graph: onnx.GraphProto, owner: str):
             yield from _walk_subgraph_nodes(g, owner)
 
 
-def matrix_view(op: str, weight: np.ndarray, attrs: dict) -> tuple[str, np.ndarray]:
-    """The ``(K, N)`` matrix of a weight and the name of the view.
+def matrix_view(op: str, weight: np.ndarray, attrs: dict, slot: int = 1) -> tuple[str, np.ndarray]:
+    """The ``(K, N)`` matrix of a weight (in input ``slot`` of its node) and the name of the view.
 
-    MatMul ``B`` is used as is; Gemm uses ``alpha·B`` (or ``alpha·Bᵀ`` when transB), so alpha
+    MatMul ``B`` is used as is; a constant *first* MatMul input ``A`` (``A·X``: each column of
+    ``X`` is an input vector) is viewed as ``Aᵀ``, so that blocks again run along the summed
+    axis; Gemm uses ``alpha·B`` (or ``alpha·Bᵀ`` when transB), so alpha
     is folded into the weight; Conv ``(O, I/g, *k)`` becomes ``reshape(O, -1)ᵀ`` so each output
     channel's flattened kernel is one column; a Gather table ``(V, D)`` becomes its transpose,
     so a row (an embedding) is one column and blocks run along D.
     """
     if op == "MatMul":
-        return "matmul", weight
+        return ("matmul-left", weight.T) if slot == 0 else ("matmul", weight)
     if op == "Gemm":
         w = weight.T if attrs.get("transB", 0) else weight
         return "gemm", (w * np.asarray(attrs.get("alpha", 1.0), dtype=w.dtype)).astype(w.dtype)
@@ -65,9 +67,12 @@ def matrix_view(op: str, weight: np.ndarray, attrs: dict) -> tuple[str, np.ndarr
     raise ValueError(op)
 
 
-def weight_from_matrix(op: str, matrix: np.ndarray, shape: tuple[int, ...], attrs: dict) -> np.ndarray:
-    """Inverse of :func:`matrix_view`: the tensor that ``matrix`` stands for (a numpy array or a
-    torch tensor, kept in its type)."""
+def weight_from_matrix(op: str, matrix: np.ndarray, shape: tuple[int, ...], attrs: dict,
+                       view: str = "") -> np.ndarray:
+    """Inverse of :func:`matrix_view` (``view``: the name it gave): the tensor that ``matrix``
+    stands for (a numpy array or a torch tensor, kept in its type)."""
+    if view == "matmul-left":
+        return matrix.T
     if op == "MatMul":
         return matrix
     if op == "Gemm":
@@ -91,11 +96,11 @@ class WeightMatrices(MutableMapping):
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        self.views: dict[str, tuple[str, dict]] = {}  # name -> (op, attrs) of its matrix view
+        self.views: dict[str, tuple[str, dict, int]] = {}  # name -> (op, attrs, slot) of its matrix view
         self.held: dict[str, np.ndarray] = {}
 
-    def register(self, name: str, op: str, attrs: dict) -> None:
-        self.views[name] = (op, attrs)
+    def register(self, name: str, op: str, attrs: dict, slot: int = 1) -> None:
+        self.views[name] = (op, attrs, slot)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self.held:
@@ -105,13 +110,13 @@ class WeightMatrices(MutableMapping):
         tensor = next((t for t in self.ctx.model.graph.initializer if t.name == name), None)
         if tensor is None:
             raise KeyError(f"{name} (no longer in the model)")
-        op, attrs = self.views[name]
-        _, matrix = matrix_view(op, self.ctx.weight_array(tensor), attrs)
+        op, attrs, slot = self.views[name]
+        _, matrix = matrix_view(op, self.ctx.weight_array(tensor), attrs, slot)
         return np.array(matrix, dtype=np.float32, order="C")
 
     def __setitem__(self, name: str, value: np.ndarray) -> None:
         self.held[name] = value
-        self.views.setdefault(name, ("MatMul", {}))
+        self.views.setdefault(name, ("MatMul", {}, 1))
 
     def __delitem__(self, name: str) -> None:
         if name not in self.views:
@@ -169,6 +174,7 @@ class FindWeightsPass(Pass):
         weights = ctx.weights if isinstance(ctx.weights, WeightMatrices) else WeightMatrices(ctx)
         ctx.weights = weights
         records: dict[str, WeightRecord] = {}
+        slot_of: dict[str, int] = {}  # the input of its nodes that each weight is
         for node in graph.node:
             op = node.op_type
             if op not in WEIGHT_SLOTS or node.domain not in ("", "ai.onnx"):
@@ -201,6 +207,7 @@ class FindWeightsPass(Pass):
                                    dtype=FLOAT_TYPES.get(tensor.data_type, np.dtype(np_type).name),
                                    location=location)
                 rec.extra["attrs_key"] = _attrs_key(op, attrs, widx)
+                slot_of[wname] = widx
                 rec.bytes_before = int(np.prod(dims)) * np.dtype(np_type).itemsize if dims else 0
                 records[wname] = rec
                 reason = self._why_not(rec, tensor, node, attrs)
@@ -235,10 +242,11 @@ class FindWeightsPass(Pass):
                 rec.skip(f"holds {int(finite.size - np.count_nonzero(finite))} NaN/Inf values (kept as it is)")
                 continue
             del finite
-            view, matrix = matrix_view(rec.op, weight, node_attrs(node))
+            slot = slot_of[wname]
+            view, matrix = matrix_view(rec.op, weight, node_attrs(node), slot)
             rec.view = view
             rec.matrix_shape = tuple(int(s) for s in matrix.shape)
-            weights.register(wname, rec.op, node_attrs(node))
+            weights.register(wname, rec.op, node_attrs(node), slot)
             if view == "embedding" and not cfg.compress_embeddings:
                 rec.skip("embedding tables not compressed (--no-embeddings)")
                 weights.pop(wname, None)
@@ -280,6 +288,6 @@ def _attrs_key(op: str, attrs: dict, slot: int = 1) -> tuple:
         return (attrs.get("group", 1),)
     if op == "Gather":
         return (attrs.get("axis", 0),)
-    if op in RECURRENT_OPS:
+    if op in RECURRENT_OPS or op == "MatMul":
         return (slot,)
     return ()

@@ -32,7 +32,7 @@ QUANT_ONLY_VIEWS = ("conv-grouped", "embedding", "recurrent", "deconv")
 # weight: 256 centroids of a 4-bit codebook cost 0.17 bpw per 128 rows of a 384-wide layer,
 # more than sharing them over 384 rows loses (MiniLM, held-out H-weighted error).
 VQ_GROUPS = {2: 128, 3: 128, 4: 384}
-VQ_VIEWS = ("matmul", "gemm", "conv", "conv-grouped")
+VQ_VIEWS = ("matmul", "matmul-left", "gemm", "conv", "conv-grouped")
 CALDERA_FACTOR_BITS = 4  # CALDERA's low-rank factors; --bits sets the backbone Q
 # GPTQ's damping λ = GPTQ_DAMP · mean(diag H), also used by CALDERA for its backbone and its
 # low-rank fit.  Calibration sets of a few hundred sentences under-determine H; on MiniLM 0.1

@@ -36,6 +36,7 @@ def fused_unsupported(em: QdqEmitter) -> str:
 
 class LowerFusedPass(LowerQdqPass):
     name = "lower-fused"
+    left_fallback = "MatMul's first input: the fused op takes its weight second (DequantizeLinear)"
 
     def __init__(self, accuracy_level: int = 0):
         self.accuracy_level = accuracy_level

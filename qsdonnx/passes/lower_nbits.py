@@ -63,6 +63,7 @@ class NbitsEmitter(QdqEmitter):
 
 class LowerNbitsPass(LowerQdqPass):
     name = "lower-nbits"
+    left_fallback = "MatMul's first input: MatMulNBits takes its weight second (DequantizeLinear)"
 
     def __init__(self, accuracy_level: int = 0):
         self.emitter = type("NbitsEmitterL", (NbitsEmitter,), {"accuracy_level": accuracy_level})

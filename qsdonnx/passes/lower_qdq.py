@@ -428,6 +428,30 @@ def lower_matmul_like(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto) -> 
     return nodes
 
 
+def lower_matmul_left(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """``A·X`` with the constant ``A`` first (view ``Aᵀ ≈ Q + L·R + S``): ``deq(Qᵀ)·X +
+    deq(Rᵀ)·(deq(Lᵀ)·X) + Sᵀ·X``. The codes are stored transposed, with DequantizeLinear's
+    blocks along axis 1, so no Transpose runs on the weight."""
+    f = em.f
+    x = node.input[1]
+    tag = node_key(node)
+    nodes: list[onnx.NodeProto] = []
+    terms: list[str] = []
+    if f.q is not None:
+        nodes.append(edit.node("MatMul", [em.dequant("Q", f.q, True), x], f"{tag}.qsd.matmul_q"))
+        terms.append(nodes[-1].output[0])
+    if f.left is not None:
+        m1 = edit.node("MatMul", [em.dequant("L", f.left, True), x], f"{tag}.qsd.matmul_l")
+        m2 = edit.node("MatMul", [em.dequant("R", f.right, True), m1.output[0]], f"{tag}.qsd.matmul_r")
+        nodes += [m1, m2]
+        terms.append(m2.output[0])
+    if f.sparse is not None:
+        nodes.append(edit.node("MatMul", [em.sparse_dense(f.sparse, True), x], f"{tag}.qsd.matmul_s"))
+        terms.append(nodes[-1].output[0])
+    _sum_into(edit, nodes, terms, node.output[0], tag)
+    return nodes
+
+
 def _sum_into(edit: GraphEdit, nodes: list, terms: list[str], out: str, tag: str) -> None:
     if len(terms) == 1:
         nodes.append(edit.node("Identity", terms, f"{tag}.qsd.out", outputs=[out]))
@@ -787,6 +811,8 @@ class LowerQdqPass(Pass):
 
     name = "lower-qdq"
     emitter = QdqEmitter
+    # Why a weight read as MatMul's first input is lowered with DequantizeLinear ('' in qdq).
+    left_fallback = ""
 
     def lower_matmul(self, edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto,
                      rec: WeightRecord) -> list[onnx.NodeProto]:
@@ -804,8 +830,12 @@ class LowerQdqPass(Pass):
         before = edit.new_initializer_bytes()
         em = self.emitter(edit, rec, f)
         consumers = [n for n in ctx.model.graph.node if node_key(n) in rec.nodes]
+        if rec.view == "matmul-left" and self.left_fallback:
+            rec.extra.setdefault("fallback", []).append(self.left_fallback)
         for node in consumers:
-            if rec.op in ("MatMul", "Gemm"):
+            if rec.view == "matmul-left":
+                new = lower_matmul_left(edit, em, node)
+            elif rec.op in ("MatMul", "Gemm"):
                 new = self.lower_matmul(edit, em, node, rec)
             elif rec.op == "Conv":
                 new = lower_conv(edit, em, node, rec)

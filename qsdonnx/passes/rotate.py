@@ -91,7 +91,7 @@ class RotateInputsPass(Pass):
             W = rotate_weight(ctx.weights[name], Q)
             ctx.weights[name] = W
             attrs = node_attrs(nodes[rec.nodes[0]])
-            tensor = weight_from_matrix(rec.op, W, rec.shape, attrs).astype(np.float32)
+            tensor = weight_from_matrix(rec.op, W, rec.shape, attrs, rec.view).astype(np.float32)
             inits[name].CopyFrom(numpy_helper.from_array(tensor, name))
             stats = ctx.calibration[name]
             for key in ROTATED_STATS:

@@ -77,7 +77,7 @@ def measure_sensitivity(ctx: Context, probes: dict[str, list[tuple[np.ndarray, f
         node = nodes[rec.nodes[0]]
         ratios = []
         for matrix, e in probes[name]:
-            w = weight_from_matrix(rec.op, matrix, rec.shape, node_attrs(node)).astype(originals[name].dtype)
+            w = weight_from_matrix(rec.op, matrix, rec.shape, node_attrs(node), rec.view).astype(originals[name].dtype)
             got = run({**originals, name: np.ascontiguousarray(w)})
             change = sum(float((a - b) @ (a - b)) for a, b in zip(ref, got)) / ref_energy
             ratios.append(change / max(e, 1e-12))

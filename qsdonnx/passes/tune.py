@@ -129,7 +129,7 @@ class TunePass(Pass):
         views = {}
         for name in tunables:
             rec = ctx.record(name)
-            views[name] = (rec.op, tuple(rec.shape), node_attrs(nodes[rec.nodes[0]]))
+            views[name] = (rec.op, tuple(rec.shape), node_attrs(nodes[rec.nodes[0]]), rec.view)
         originals = graph_parameters(ctx.model, set(ctx.factorizations))
         gparams = {n: Relative(v.astype(np.float32), "value") for n, v in originals.items()}
         params = [p for t in tunables.values() for p in t.parameters()] + [g.delta for g in gparams.values()]
@@ -139,7 +139,7 @@ class TunePass(Pass):
         t_train, t_held = targets[:len(train)], targets[len(train):]
 
         def overrides() -> dict[str, torch.Tensor]:
-            out = {n: weight_from_matrix(views[n][0], t.weight(), views[n][1], views[n][2]) for n, t in tunables.items()}
+            out = {n: weight_from_matrix(views[n][0], t.weight(), views[n][1], views[n][2], views[n][3]) for n, t in tunables.items()}
             out.update({n: g.value() for n, g in gparams.items()})
             return out
 
