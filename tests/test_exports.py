@@ -335,3 +335,53 @@ def test_einsum_that_is_a_matmul_is_compressed_as_one(tmp_path, equation, weight
     np.testing.assert_allclose(ref, np.einsum(equation, *((stored, x) if weight_first else (x, stored))), rtol=1e-4, atol=1e-4)
     assert 0.02 < rel_l2(ref, got) < 0.15
     assert "Einsum" not in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+def if_body_model(K=128, N=96, seed=7):
+    """``Y = If(flag, then: X·W[:, :N/2] (a Slice of W), else: X·W)`` with ``W`` a main-graph
+    initializer read only inside the branches (how silero VAD holds its LSTM weights), and a
+    3-D float tensor read the same way, plus an int64 table the bodies also read."""
+    W = (randn((K, N), seed) / np.sqrt(K)).astype(np.float32)
+    T = randn((4, 16, 64), seed + 1).astype(np.float32)
+    then_b = helper.make_graph(
+        [helper.make_node("Slice", ["W", "starts", "ends", "axes"], ["W_half"]),
+         helper.make_node("MatMul", ["X", "W_half"], ["y_then"]),
+         helper.make_node("ReduceSum", ["T"], ["t_sum"], keepdims=0),
+         helper.make_node("Add", ["y_then", "t_sum"], ["y_then2"])],
+        "then", [], [helper.make_tensor_value_info("y_then2", TensorProto.FLOAT, ["batch", N // 2])])
+    else_b = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["y_full"]),
+         helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceSum", ["ids_f"], ["ids_sum"], keepdims=0),
+         helper.make_node("Add", ["y_full", "ids_sum"], ["y_else"])],
+        "else", [], [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, ["batch", N])])
+    return make_model(
+        [helper.make_node("If", ["flag"], ["Y"], then_branch=then_b, else_branch=else_b)],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", K]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "width"])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(T, "T"),
+         numpy_helper.from_array(np.arange(256, dtype=np.int64).reshape(16, 16), "ids"),
+         numpy_helper.from_array(np.array([0]), "starts"), numpy_helper.from_array(np.array([N // 2]), "ends"),
+         numpy_helper.from_array(np.array([1]), "axes")], opset=17), W, T
+
+
+def test_weights_read_only_inside_if_bodies_are_compressed(tmp_path):
+    model, W, T = if_body_model()
+    src, out, res, report = optimize(tmp_path, model, "--method", "rtn", "--bits", "4")
+    assert res.exit_code == 0, res.output
+    done = {l["name"]: l for l in layers(report)}
+    assert set(done) == {"W", "T"}  # the int64 table is no weight
+    assert done["W"]["view"] == "tensor" and done["W"]["matrix_shape"] == [96, 128]
+    assert done["T"]["matrix_shape"] == [64, 64]  # blocks along the last axis
+    assert report["totals"]["file_ratio"] < 0.3
+    onnx.checker.check_model(str(out), full_check=True)
+    assert {t.name for t in onnx.load(str(out)).graph.initializer}.isdisjoint({"W", "T"})
+    x = randn((6, 128), 2)
+    for flag in (True, False):
+        feed = {"X": x, "flag": np.array(flag)}
+        ref, got = run_model(src, feed)[0], run_model(out, feed)[0]
+        np.testing.assert_allclose(ref, x @ (W[:, :48] if flag else W) + (T.sum() if flag else 256 * 255 / 2),
+                                   rtol=1e-4, atol=1e-2)
+        err = rel_l2(ref - ref.mean(), got - got.mean())
+        assert 0.02 < err < 0.15, (flag, err)

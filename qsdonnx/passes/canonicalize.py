@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import MutableMapping
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -64,6 +65,11 @@ def matrix_view(op: str, weight: np.ndarray, attrs: dict, slot: int = 1) -> tupl
         # (inputs, outputs/group, *k): each input channel feeds every output tap, so the blocks
         # run along the input channels (the summed axis) in each column.
         return "deconv", weight.reshape(weight.shape[0], -1)
+    if op in SUBGRAPH_OPS:
+        # A weight read only inside If/Loop/Scan bodies, through ops that are not rewritten
+        # (slices of an LSTM's gates, say): the tensor is quantized as it is, in blocks along its
+        # last axis (the input axis of the usual (outputs, inputs) layout).
+        return "tensor", weight.reshape(-1, weight.shape[-1]).T
     raise ValueError(op)
 
 
@@ -73,6 +79,8 @@ def weight_from_matrix(op: str, matrix: np.ndarray, shape: tuple[int, ...], attr
     stands for (a numpy array or a torch tensor, kept in its type)."""
     if view == "matmul-left":
         return matrix.T
+    if view == "tensor":
+        return matrix.T.reshape(shape)
     if op == "MatMul":
         return matrix
     if op == "Gemm":
@@ -160,14 +168,21 @@ class FindWeightsPass(Pass):
                 if name:
                     uses[name].append((node, idx))
         subgraph_uses: dict[str, str] = {}
+        subgraph_readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # main-graph nodes whose bodies read it
         sub_candidates: list[tuple[onnx.NodeProto, str]] = []
+        sub_constants: set[str] = set()  # tensors that are constants inside a body
         for node in graph.node:
             if node.op_type in SUBGRAPH_OPS or any(True for _ in _subgraphs(node)):
                 owner = f"{node.op_type} {node_key(node)}"
                 for g in _subgraphs(node):
+                    sub_constants.update(t.name for t in g.initializer)
                     for sub, _ in _walk_subgraph_nodes(g, owner):
                         for name in sub.input:
                             subgraph_uses.setdefault(name, owner)
+                            if name in inits and node not in subgraph_readers[name]:
+                                subgraph_readers[name].append(node)
+                        if sub.op_type == "Constant":
+                            sub_constants.update(sub.output)
                         if sub.op_type in WEIGHT_SLOTS:
                             sub_candidates.append((sub, owner))
 
@@ -251,10 +266,18 @@ class FindWeightsPass(Pass):
                 rec.skip("embedding tables not compressed (--no-embeddings)")
                 weights.pop(wname, None)
 
+        for wname, owners in subgraph_readers.items():
+            if wname in records or wname in uses or wname in graph_outputs:
+                continue  # read in the main graph too: handled (or skipped) above
+            rec = self._body_weight(ctx, wname, inits[wname], owners, wname in graph_inputs)
+            if rec is not None:
+                records[wname] = rec
+
         for sub, owner in sub_candidates:
             for widx in WEIGHT_SLOTS[sub.op_type]:
                 wname = sub.input[widx] if len(sub.input) > widx else ""
-                if wname and wname not in records:
+                # (A body's computed input, e.g. a slice of an outer weight, is no weight of its own.)
+                if wname and wname not in records and (wname in inits or wname in sub_constants):
                     rec = WeightRecord(name=wname, op=sub.op_type, nodes=[sub.name or sub.output[0]], shape=(),
                                        dtype="", location="subgraph")
                     rec.skip(f"inside {owner} (subgraph bodies are not rewritten)")
@@ -263,6 +286,37 @@ class FindWeightsPass(Pass):
         ctx.records = list(records.values())
         n_c = len(ctx.candidates())
         return f"{len(ctx.records)} weights found, {n_c} to compress"
+
+    def _body_weight(self, ctx: Context, wname: str, tensor: onnx.TensorProto, owners: list[onnx.NodeProto],
+                     listed_as_input: bool) -> Optional[WeightRecord]:
+        """The record of a main-graph weight read only inside If/Loop/Scan bodies (view
+        ``tensor``), or None for what is not a weight (integers, vectors: shapes and indices)."""
+        cfg = ctx.config
+        dims = tuple(int(d) for d in tensor.dims)
+        if tensor.data_type not in FLOAT_TYPES or len(dims) < 2:
+            return None
+        owner = owners[0]
+        rec = WeightRecord(name=wname, op=owner.op_type, nodes=[node_key(n) for n in owners], shape=dims,
+                           dtype=FLOAT_TYPES[tensor.data_type],
+                           location=("external-data" if wname in ctx.external else "initializer")
+                           + f" (read inside {owner.op_type} {node_key(owner)})")
+        rec.bytes_before = int(np.prod(dims)) * np.dtype(FLOAT_TYPES[tensor.data_type]).itemsize
+        if listed_as_input:
+            rec.skip("also listed as a graph input (a caller may feed it)")
+        elif rec.numel < cfg.min_elements:
+            rec.skip(f"too small ({rec.numel} elements < {cfg.min_elements})")
+        elif cfg.is_excluded(wname):
+            rec.skip("excluded by --exclude")
+        elif (ov := cfg.override_for(wname)) is not None and ov.skip:
+            rec.skip("skipped by --override")
+        elif not np.isfinite(weight := ctx.weight_array(tensor)).all():
+            rec.skip("holds NaN/Inf values (kept as it is)")
+        if rec.status != "candidate":
+            return rec
+        rec.view, matrix = matrix_view(owner.op_type, weight, {})
+        rec.matrix_shape = tuple(int(s) for s in matrix.shape)
+        ctx.weights.register(wname, owner.op_type, {})
+        return rec
 
     def _why_not(self, rec: WeightRecord, tensor: onnx.TensorProto, node: onnx.NodeProto, attrs: dict) -> str:
         if tensor.data_type not in FLOAT_TYPES:

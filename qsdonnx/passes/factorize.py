@@ -27,7 +27,7 @@ from .base import Context, Pass, WeightRecord
 
 log = logging.getLogger("qsdonnx")
 
-QUANT_ONLY_VIEWS = ("conv-grouped", "embedding", "recurrent", "deconv")
+QUANT_ONLY_VIEWS = ("conv-grouped", "embedding", "recurrent", "deconv", "tensor")
 # Rows sharing one vector codebook (at most; a divisor of the reduction axis), by bits per
 # weight: 256 centroids of a 4-bit codebook cost 0.17 bpw per 128 rows of a 384-wide layer,
 # more than sharing them over 384 rows loses (MiniLM, held-out H-weighted error).

@@ -533,6 +533,21 @@ def lower_in_place(edit: GraphEdit, em: QdqEmitter, node: onnx.NodeProto, rec: W
     return [node]
 
 
+def lower_tensor(edit: GraphEdit, em: QdqEmitter, rec: WeightRecord) -> None:
+    """A weight read only inside If/Loop/Scan bodies: its initializer gives way to the
+    dequantized tensor of the same name, computed in the main graph (the bodies read it from
+    the enclosing scope as before). The nodes go to ``em.prelude``."""
+    w = em.dequant("Q", em.f.q, True)  # (rows, last axis)
+    if len(rec.shape) > 2:
+        shape = em.const("W_shape", np.array(rec.shape, np.int64), "int64")
+        em.prelude.append(edit.node("Reshape", [w, shape], f"{em.base}.weight", outputs=[rec.name]))
+    else:
+        em.prelude.append(edit.node("Identity", [w], f"{em.base}.weight", outputs=[rec.name]))
+    inits = edit.graph.initializer
+    index = next(i for i, t in enumerate(inits) if t.name == rec.name)
+    del inits[index]
+
+
 def unpack_stream_nodes(n, const, x: str, bits: int, label: str) -> str:
     """Nodes decoding ``x``, a ``pack_stream`` tensor of shape ``(..., G, bits)`` uint8, to its
     codes ``(..., G, 8)`` uint8, with byte operations only (one byte per code at every step):
@@ -832,8 +847,13 @@ class LowerQdqPass(Pass):
         consumers = [n for n in ctx.model.graph.node if node_key(n) in rec.nodes]
         if rec.view == "matmul-left" and self.left_fallback:
             rec.extra.setdefault("fallback", []).append(self.left_fallback)
+        if rec.view == "tensor":
+            lower_tensor(edit, em, rec)
+            consumers = consumers[:1]  # the dequantized tensor goes before the first reader
         for node in consumers:
-            if rec.view == "matmul-left":
+            if rec.view == "tensor":
+                new = [node]
+            elif rec.view == "matmul-left":
                 new = lower_matmul_left(edit, em, node)
             elif rec.op in ("MatMul", "Gemm"):
                 new = self.lower_matmul(edit, em, node, rec)
