@@ -320,16 +320,40 @@ else:
 """
 
 
+def _tree_rss_kib(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants (KiB), from ``/proc``."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                total += next((int(l.split()[1]) for l in fh if l.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return total
+
+
 def measured_process(target: str, args: Sequence[str], log: Path) -> dict:
     """Runs module (or ``.py`` script) ``target`` with ``args`` in a child Python; its exit code,
-    wall time, own peak RSS (MiB, imports included) and output (in ``log``)."""
+    wall time, own peak RSS (MiB, imports included), the peak of its whole process tree's
+    resident memory (``tree_rss_mib``: worker processes included, sampled every 50 ms) and
+    output (in ``log``)."""
     hwm = Path(str(log) + ".hwm")
     start = time.perf_counter()
+    tree = 0
     with open(log, "w") as fh:
-        rc = subprocess.call([sys.executable, "-c", _HWM_WRAPPER, str(hwm), target, *map(str, args)],
-                             stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", _HWM_WRAPPER, str(hwm), target, *map(str, args)],
+                                stdout=fh, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            tree = max(tree, _tree_rss_kib(proc.pid))
+            time.sleep(0.05)
+        rc = proc.returncode
     seconds = time.perf_counter() - start
     rss = int(hwm.read_text()) / 1024 if hwm.exists() else float("nan")
     if hwm.exists():
         os.unlink(hwm)
-    return {"rc": rc, "seconds": seconds, "rss_mib": rss, "output": Path(log).read_text()}
+    return {"rc": rc, "seconds": seconds, "rss_mib": rss, "tree_rss_mib": max(tree / 1024, rss),
+            "output": Path(log).read_text()}

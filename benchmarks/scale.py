@@ -11,10 +11,11 @@ file (never held in memory as a whole):
   11008x4096), float16, about 12.2 GiB.
 
 For each model it runs, as separate processes, ``qsdonnx optimize --method rtn --bits 4
---no-validate`` and ONNX Runtime's ``MatMulNBitsQuantizer`` (4 bits, block 32, saved with
-external data), and prints wall time, peak RSS (the process's own, imports included), output
-size, and the relative error of both outputs against the original on one input, run in ONNX
-Runtime. Options: ``--models mlp6,mlp12``, ``--7b``, ``--work DIR`` (default: a temporary
+--no-validate`` (with its default worker processes, and with ``--jobs 1``) and ONNX Runtime's
+``MatMulNBitsQuantizer`` (4 bits, block 32, saved with external data), and prints wall time,
+peak RSS (the process's own, imports included, and that of all its processes together, worker
+processes included), output size, and the relative error of both outputs against the original
+on one input, run in ONNX Runtime. Options: ``--models mlp6,mlp12``, ``--7b``, ``--work DIR`` (default: a temporary
 folder, removed at the end unless ``--keep``), ``--skip-peer``.
 """
 from __future__ import annotations
@@ -158,13 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             dtype = MODELS[name]["dtype"]
             out = work / f"{name}.qsd.onnx"
             row = {"model": name, "input_gib": size / 2**30}
-            q = measured_process("qsdonnx.cli", ["optimize", str(src), "-o", str(out), "--method", "rtn", "--bits",
-                                                 "4", "--no-validate", "--quiet"], work / f"{name}.qsd.log")
-            if q["rc"] == 0:
-                q.update(output_mib=output_size(out) / 2**20, rel_error=rel_error(src, out, dtype))
-                for p in work.glob(out.name + "*"):
-                    p.unlink()
-            row["qsdonnx"] = q
+            for tool, extra in (("qsdonnx", []), ("qsdonnx_jobs1", ["--jobs", "1"])):
+                q = measured_process("qsdonnx.cli", ["optimize", str(src), "-o", str(out), "--method", "rtn", "--bits",
+                                                     "4", "--no-validate", "--quiet", *extra], work / f"{name}.qsd.log")
+                if q["rc"] == 0:
+                    q.update(output_mib=output_size(out) / 2**20, rel_error=rel_error(src, out, dtype))
+                    for p in work.glob(out.name + "*"):
+                        p.unlink()
+                row[tool] = q
             if not args.skip_peer:
                 peer_out = work / f"{name}.ort.onnx"
                 script = work / "ort_nbits.py"
@@ -180,19 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print("| model | input | tool | exit | wall time | peak RSS | output | rel. error (1 input) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | input | tool | exit | wall time | peak RSS | peak RSS, all processes | output | rel. error (1 input) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    labels = {"qsdonnx": "qsdonnx rtn 4-bit", "qsdonnx_jobs1": "qsdonnx rtn 4-bit `--jobs 1`",
+              "ort_nbits": "ORT MatMulNBitsQuantizer 4-bit"}
     for r in rows:
-        for tool in ("qsdonnx", "ort_nbits"):
+        for tool, label in labels.items():
             c = r.get(tool)
             if c is None:
                 continue
-            label = "qsdonnx rtn 4-bit" if tool == "qsdonnx" else "ORT MatMulNBitsQuantizer 4-bit"
             ok = c["rc"] == 0
             size = f"{c['output_mib']:.0f} MiB" if ok else "-"
             err = f"{c['rel_error']:.4f}" if ok else (c["output"].strip().splitlines() or ["?"])[-1][:80]
             print(f"| {r['model']} | {r['input_gib']:.2f} GiB | {label} | {c['rc']} | {c['seconds']:.0f} s | "
-                  f"{c['rss_mib'] / 1024:.2f} GiB | {size} | {err} |")
+                  f"{c['rss_mib'] / 1024:.2f} GiB | {c['tree_rss_mib'] / 1024:.2f} GiB | {size} | {err} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -139,14 +139,24 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         # Nothing later needs every weight's factors at once: each weight is lowered as soon as
         # it is factorized and its factors dropped, so memory holds one weight, not the model.
         PrepareOpsetPass(planned_opset(ctx))(ctx)
-        lowering = _lowering(cfg)
-        lowering.begin(ctx)
-        FactorizeWeightsPass(sink=lowering.lower_one)(ctx)
-        with stage(lowering.name):
-            log.info("%s: %s", lowering.name, lowering.finish(ctx))
-        if cfg.validate:
-            ValidatePass()(ctx)
-        return _finish(ctx, cfg, output)
+        if _spills(ctx, output):
+            # A model over the one-file limit: its new tensors go to disk as they are made
+            # (the output is written with external data), so the output is never held either.
+            from .store import TensorSpill
+
+            ctx.spill = TensorSpill(Path(output).resolve().parent)
+        try:
+            lowering = _lowering(cfg)
+            lowering.begin(ctx)
+            FactorizeWeightsPass(sink=lowering.lower_one)(ctx)
+            with stage(lowering.name):
+                log.info("%s: %s", lowering.name, lowering.finish(ctx))
+            if cfg.validate:
+                ValidatePass()(ctx)
+            return _finish(ctx, cfg, output)
+        finally:
+            if ctx.spill is not None:
+                ctx.spill.remove()
     FactorizeWeightsPass()(ctx)
     # Kept only when a missed --max-rel-error may send the model round again.
     before_lowering = copy.deepcopy(ctx.model) if cfg.max_rel_error is not None else None
@@ -190,6 +200,16 @@ def _streams(ctx: Context, planner) -> bool:
             and isinstance(planner, PlanPass) and not ctx.factorizations and planned_opset(ctx) is not None)
 
 
+def _spills(ctx: Context, output) -> bool:
+    """Whether new tensors are written to disk as they are made: when there is an output, it may
+    have external data, and the input is over protobuf's one-file limit (so its weights are in
+    external data) or external data is asked for."""
+    from .passes.save import PROTOBUF_LIMIT
+
+    ext = ctx.config.external_data
+    return output is not None and ext is not False and (ext is True or ctx.original_file_size > PROTOBUF_LIMIT)
+
+
 def _finish(ctx: Context, cfg: OptimizeConfig, output, passed: bool = True) -> OptimizeResult:
     """Writes the output and the report."""
     size = None
@@ -197,7 +217,8 @@ def _finish(ctx: Context, cfg: OptimizeConfig, output, passed: bool = True) -> O
         import time
         t = time.perf_counter()
         with stage("save"):
-            size = save_model(ctx.model, Path(output), base_dir=ctx.base_dir, external_data=cfg.external_data)
+            size = save_model(ctx.model, Path(output), base_dir=ctx.base_dir,
+                              external_data=True if ctx.spill is not None else cfg.external_data)
         ctx.timings["save"] = time.perf_counter() - t
     report = Report.from_context(ctx, size)
     if cfg.report is not None:

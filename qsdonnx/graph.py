@@ -31,9 +31,11 @@ def int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.T
     lowest bits of each byte, values two's complement when signed."""
     cbits = container_width(bits)
     dtype = INT_TYPES[(cbits, signed)]
-    flat = np.asarray(values).astype(np.int64).ravel()
-    mask = (1 << cbits) - 1
-    raw = pack_bits((flat & mask).astype(np.uint8), cbits)
+    # Two's complement low bits, taken from one byte per code (codes fit their container, so
+    # the narrowing is exact), never from a wider copy of the codes.
+    flat = np.ascontiguousarray(values).astype(np.int8 if signed else np.uint8, copy=False).reshape(-1).view(np.uint8)
+    mask = np.uint8((1 << cbits) - 1)
+    raw = pack_bits(flat & mask, cbits)
     return helper.make_tensor(name, dtype, list(values.shape), raw.tobytes(), raw=True)
 
 
@@ -60,8 +62,9 @@ class GraphEdit:
     when that name is already taken.
     """
 
-    def __init__(self, model: onnx.ModelProto, base_dir=None):
+    def __init__(self, model: onnx.ModelProto, base_dir=None, spill=None):
         self.model = model
+        self.spill = spill  # a store.TensorSpill that new initializers are written to as they come
         self.base_dir = base_dir  # where the model's external data lives (qsdonnx.store)
         self.graph = model.graph
         self.taken: set[str] = set()
@@ -99,6 +102,8 @@ class GraphEdit:
 
     def add_initializer(self, tensor: onnx.TensorProto) -> str:
         tensor.name = self.unique(tensor.name)
+        if self.spill is not None:
+            tensor = self.spill.put(tensor)
         self.new_initializers.append(tensor)
         return tensor.name
 

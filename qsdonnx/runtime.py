@@ -220,13 +220,19 @@ def _weights_apart(model: onnx.ModelProto, base_dir: Any, so, extra: list) -> tu
     a session costs no second copy of the weights."""
     import onnxruntime as ort
 
-    from .store import external_stub, is_external, structure_copy, tensor_array
+    from .store import SUB_BYTE_TYPES, external_stub, inline_copy, is_external, structure_copy, tensor_array
 
     inputs = {i.name for i in model.graph.input}
     light, big = structure_copy(model, whole_bytes_only=True)
     if any(t.name in inputs for t in big):
         # Initializers listed as graph inputs (older IRs) are overridable inputs; keep them in.
         light, big = structure_copy(model, min_bytes=1 << 62)
+    # Packed sub-byte tensors cannot be handed over as numpy buffers: those in external data
+    # join the graph as copies of their stored bytes.
+    packed = [t for t in big if t.data_type in SUB_BYTE_TYPES]
+    if packed:
+        light.graph.initializer.extend(inline_copy(t, base_dir) for t in packed)
+        big = [t for t in big if t.data_type not in SUB_BYTE_TYPES]
     big = big + extra
     values = []
     for t in big:

@@ -50,20 +50,18 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path], mapped: boo
     if not is_external(tensor):
         return numpy_helper.to_array(tensor)
     info = external_info(tensor)
-    if base_dir is None:
-        raise ValueError(f"tensor {tensor.name!r} is in external data but the model has no folder")
-    path = Path(base_dir) / info["location"]
+    path = _data_path(tensor, base_dir)
     offset = int(info.get("offset", 0) or 0)
     dtype = np_dtype(tensor.data_type)
     count = int(np.prod(tensor.dims)) if tensor.dims else 1
-    if dtype.itemsize == 0 or tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
-                                                   onnx.TensorProto.INT2, onnx.TensorProto.UINT2,
-                                                   onnx.TensorProto.STRING):
-        # Packed sub-byte and string tensors: let onnx decode a private copy.
+    if tensor.data_type == onnx.TensorProto.STRING:
         t = onnx.TensorProto()
         t.CopyFrom(tensor)
         onnx.external_data_helper.load_external_data_for_tensor(t, str(base_dir))
         return numpy_helper.to_array(t)
+    if dtype.itemsize == 0 or tensor.data_type in SUB_BYTE_TYPES:
+        # Packed sub-byte tensors: their stored bytes, decoded by onnx.
+        return numpy_helper.to_array(inline_copy(tensor, base_dir))
     if not count:
         return np.zeros(tuple(tensor.dims), dtype)
     if mapped:
@@ -78,6 +76,79 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path], mapped: boo
             raise ValueError(f"external data of tensor {tensor.name!r} is shorter than its shape needs")
     arr.flags.writeable = False
     return arr.reshape(tuple(tensor.dims))
+
+
+def _data_path(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> Path:
+    """The file holding an external tensor: its location relative to the model's folder, or an
+    absolute one (tensors written to a :class:`TensorSpill` while the output is being built)."""
+    location = external_info(tensor)["location"]
+    if os.path.isabs(location):
+        return Path(location)
+    if base_dir is None:
+        raise ValueError(f"tensor {tensor.name!r} is in external data but the model has no folder")
+    return Path(base_dir) / location
+
+
+def stored_bytes(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> bytes:
+    """A tensor's payload as ``raw_data`` holds it (packed for sub-byte types), read from its
+    external data when it has some."""
+    if not is_external(tensor):
+        return tensor.raw_data if tensor.raw_data else numpy_helper.to_array(tensor).tobytes()
+    info = external_info(tensor)
+    length = tensor_nbytes(tensor)
+    with open(_data_path(tensor, base_dir), "rb") as fh:
+        fh.seek(int(info.get("offset", 0) or 0))
+        data = fh.read(length)
+    if len(data) != length:
+        raise ValueError(f"external data of tensor {tensor.name!r} is shorter than its shape needs")
+    return data
+
+
+def inline_copy(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> onnx.TensorProto:
+    """A copy of ``tensor`` with its payload in ``raw_data``."""
+    t = onnx.TensorProto()
+    t.name, t.data_type = tensor.name, tensor.data_type
+    t.dims.extend(tensor.dims)
+    t.raw_data = stored_bytes(tensor, base_dir)
+    return t
+
+
+class TensorSpill:
+    """A data file that new tensors are moved to as soon as they are made (each replaced by an
+    external reference with an absolute location), so that an output larger than memory is
+    never held: the save step copies them to the output's data file and removes this one."""
+
+    ALIGN = 4096
+
+    def __init__(self, folder: Path, min_bytes: int = 1024):
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix=".qsdonnx-tensors-", suffix=".data", dir=folder)
+        self.path = Path(name).resolve()
+        self.fh = os.fdopen(fd, "wb", buffering=0)
+        self.min_bytes = min_bytes
+        self.bytes = 0
+
+    def put(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """``tensor``, or when it holds at least ``min_bytes``, a new reference to its payload
+        written to the file. (A new message: protobuf keeps a cleared field's bytes in the
+        message's memory for as long as the message lives.)"""
+        if is_external(tensor) or not tensor.raw_data or len(tensor.raw_data) < self.min_bytes:
+            return tensor
+        offset = self.fh.tell()
+        pad = (-offset) % self.ALIGN
+        if pad:
+            self.fh.write(b"\0" * pad)
+            offset += pad
+        self.fh.write(tensor.raw_data)
+        length = len(tensor.raw_data)
+        self.bytes += length
+        return external_stub(tensor, str(self.path), length, offset)
+
+    def remove(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+        self.path.unlink(missing_ok=True)
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
@@ -107,14 +178,14 @@ SUB_BYTE_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "INT2"
                   if hasattr(onnx.TensorProto, n)}
 
 
-def external_stub(tensor: onnx.TensorProto, location: str, length: int) -> onnx.TensorProto:
+def external_stub(tensor: onnx.TensorProto, location: str, length: int, offset: int = 0) -> onnx.TensorProto:
     """A tensor with ``tensor``'s name, type and shape whose data is declared to be ``length``
-    bytes at offset 0 of ``location``: a placeholder for a tensor whose bytes go elsewhere."""
+    bytes at ``offset`` of ``location``: a reference to bytes held elsewhere."""
     stub = onnx.TensorProto()
     stub.name, stub.data_type = tensor.name, tensor.data_type
     stub.dims.extend(tensor.dims)
     stub.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         e = stub.external_data.add()
         e.key, e.value = key, value
     return stub

@@ -409,6 +409,37 @@ def test_external_data_input(tmp_path, external_model):
     assert res.report.totals["file_size_before"] == os.path.getsize(external_model) + os.path.getsize(data)
 
 
+def test_large_input_writes_its_new_tensors_to_disk_as_they_are_made(tmp_path, external_model, monkeypatch):
+    """Over the one-file limit (lowered here to the test model's size), each new tensor goes to a
+    data file as soon as it is made; validation reads the packed 4-bit codes back from it, the
+    output has external data, and no temporary file is left."""
+    from qsdonnx.passes import save
+    from qsdonnx.store import TensorSpill
+
+    monkeypatch.setattr(save, "PROTOBUF_LIMIT", 2000)
+    spilled = []
+    put = TensorSpill.put
+
+    def recording(self, tensor):
+        out = put(self, tensor)
+        if out.data_location == TensorProto.EXTERNAL:
+            spilled.append((out.name, out.data_type))
+        return out
+
+    monkeypatch.setattr(TensorSpill, "put", recording)
+    dst = tmp_path / "out" / "m.onnx"
+    dst.parent.mkdir()
+    res = qsdonnx.optimize(external_model, dst, method="rtn", bits=4, progress=False)
+    assert sorted(os.listdir(dst.parent)) == ["m.onnx", "m.onnx.data"]
+    assert {TensorProto.INT4, TensorProto.UINT4} & {t for _, t in spilled} and len(spilled) >= 2
+    assert res.report.validation["max_rel_l2"] < 0.2  # the session read the spilled codes
+    model = two_layer_model()
+    got = run_model(dst, feeds_for(model))[0]
+    assert rel_l2(run_model(external_model, feeds_for(model))[0], got) == pytest.approx(res.report.validation["max_rel_l2"], rel=0.5)
+    header = onnx.load(str(dst), load_external_data=False)
+    assert {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"} == {"m.onnx.data"}
+
+
 # ---------------------------------------------------------------------------------------------
 # (i) report JSON and bits per weight
 # ---------------------------------------------------------------------------------------------

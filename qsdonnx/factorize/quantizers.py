@@ -154,12 +154,23 @@ def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str,
     lo, hi = Wb.min(axis=1), Wb.max(axis=1)
     qmin, qmax = code_range(bits, symmetric, levels)
     best_err = best_s = best_z = None
+    w = torch.from_numpy(np.ascontiguousarray(Wb, dtype=np.float32))
+    rw = None if row_weights is None else torch.from_numpy(np.asarray(row_weights, np.float32))[:, :, None]
+    q = torch.empty_like(w)
     for f in CLIP_FACTORS:
         s, z = scales_from_range(lo * f, hi * f, bits, symmetric, scale_dtype, levels)
-        zz = 0.0 if z is None else z.astype(np.float32)[:, None, :]
-        q = np.clip(np.round(Wb / s[:, None, :]) + zz, qmin, qmax)
-        sq = ((q - zz) * s[:, None, :] - Wb) ** 2
-        err = (sq if row_weights is None else sq * row_weights[:, :, None]).sum(axis=1)
+        st = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))[:, None, :]
+        # In place, in one buffer: codes, then their dequantized error, then its square.
+        torch.div(w, st, out=q).round_()
+        if z is not None:
+            zt = torch.from_numpy(z.astype(np.float32))[:, None, :]
+            q.add_(zt).clamp_(qmin, qmax).sub_(zt)
+        else:
+            q.clamp_(qmin, qmax)
+        q.mul_(st).sub_(w).square_()
+        if rw is not None:
+            q.mul_(rw)
+        err = q.sum(dim=1).numpy()
         if best_err is None:
             best_err, best_s, best_z = err, s, z
             continue

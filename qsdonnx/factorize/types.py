@@ -128,14 +128,16 @@ class QuantizedMatrix:
     def code_rate(self) -> float:
         return code_rate(self.bits, self.levels)
 
-    def dequantize(self) -> np.ndarray:
-        """``(codes - zero_point) * scale`` with the scale broadcast over its block."""
+    def dequantize(self, cols: slice = slice(None)) -> np.ndarray:
+        """``(codes - zero_point) * scale`` with the scale broadcast over its block (of the
+        columns ``cols`` only, when given)."""
         K = self.codes.shape[0]
-        scale = np.repeat(self.stored_scales(), self.block_size, axis=0)[:K]
-        c = self.codes.astype(np.float32)
+        scale = np.repeat(self.scales[:, cols].astype(self.scale_dtype).astype(np.float32), self.block_size, axis=0)[:K]
+        c = self.codes[:, cols].astype(np.float32)
         if self.zero_points is not None:
-            c = c - np.repeat(self.zero_points.astype(np.float32), self.block_size, axis=0)[:K]
-        return c * scale
+            c -= np.repeat(self.zero_points[:, cols].astype(np.float32), self.block_size, axis=0)[:K]
+        c *= scale
+        return c
 
     def stored_scales(self) -> np.ndarray:
         """The scales exactly as the model will hold them (rounded to ``scale_dtype``)."""
@@ -302,6 +304,20 @@ class Factorization:
         if self.sparse is not None:
             out += self.sparse.dense()
         return out
+
+    def error_norm(self, W: np.ndarray, chunk_elements: int = 1 << 22) -> float:
+        """``‖W − W_hat‖_F``, reconstructed a few columns at a time when only the block codes
+        are present (so a large weight is never rebuilt whole); otherwise from :meth:`dense`."""
+        if self.left is not None or self.sparse is not None or not isinstance(self.q, QuantizedMatrix):
+            return float(np.linalg.norm(W - self.dense()))
+        K, N = self.shape
+        step = max(1, chunk_elements // max(K, 1))
+        total = 0.0
+        for j in range(0, N, step):
+            d = self.q.dequantize(slice(j, j + step))
+            d -= W[:, j:j + step]
+            total += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+        return float(np.sqrt(total))
 
     def nbytes(self) -> int:
         n = 0

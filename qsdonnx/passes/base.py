@@ -86,6 +86,7 @@ class Context:
     rotation: dict = field(default_factory=dict)  # inputs rotated before quantization (passes.rotate)
     lifted: set = field(default_factory=set)  # weights that were Constant nodes
     external: set = field(default_factory=set)  # weights that were in external data
+    spill: Any = None  # store.TensorSpill: where new tensors go as they are made (large outputs)
     folded: dict = field(default_factory=dict)  # weights computed from a constant subgraph: the ops
     calib_split: Optional[tuple] = None  # (fitting batches, held-out batches) of the calibration data
 

@@ -97,6 +97,19 @@ def weight_from_matrix(op: str, matrix: np.ndarray, shape: tuple[int, ...], attr
     raise ValueError(op)
 
 
+def read_matrix(source) -> np.ndarray:
+    """The float32 ``(K, N)`` matrix of a :meth:`WeightMatrices.source`."""
+    if isinstance(source, np.ndarray):
+        return source
+    from ..store import tensor_array
+
+    data, base_dir, op, attrs, slot = source
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(data)
+    _, matrix = matrix_view(op, tensor_array(tensor, base_dir), attrs, slot)
+    return np.array(matrix, dtype=np.float32, order="C")
+
+
 class WeightMatrices(MutableMapping):
     """``name -> (K, N)`` float32 matrix of every candidate weight, read from the model's
     initializer (or its external data) each time it is asked for and not kept:
@@ -121,6 +134,21 @@ class WeightMatrices(MutableMapping):
         op, attrs, slot = self.views[name]
         _, matrix = matrix_view(op, self.ctx.weight_array(tensor), attrs, slot)
         return np.array(matrix, dtype=np.float32, order="C")
+
+    def source(self, name: str):
+        """What a worker process needs to read the matrix itself: the array when it is held or
+        in the protobuf, else ``(tensor reference, folder, op, attrs, slot)`` for
+        :func:`read_matrix` (external data: the worker reads it from the file, so the weight is
+        not sent through a pipe)."""
+        from ..store import is_external
+
+        if name in self.held:
+            return self.held[name]
+        tensor = next((t for t in self.ctx.model.graph.initializer if t.name == name), None)
+        if tensor is None or not is_external(tensor):
+            return self[name]
+        op, attrs, slot = self.views[name]
+        return (tensor.SerializeToString(), self.ctx.base_dir, op, attrs, slot)
 
     def __setitem__(self, name: str, value: np.ndarray) -> None:
         self.held[name] = value
@@ -255,12 +283,14 @@ class FindWeightsPass(Pass):
             finite = np.isfinite(weight)
             if not finite.all():
                 rec.skip(f"holds {int(finite.size - np.count_nonzero(finite))} NaN/Inf values (kept as it is)")
+                del weight, finite
                 continue
             del finite
             slot = slot_of[wname]
             view, matrix = matrix_view(rec.op, weight, node_attrs(node), slot)
             rec.view = view
             rec.matrix_shape = tuple(int(s) for s in matrix.shape)
+            del weight, matrix  # (read again when factorized: one weight at a time in memory)
             weights.register(wname, rec.op, node_attrs(node), slot)
             if view == "embedding" and not cfg.compress_embeddings:
                 rec.skip("embedding tables not compressed (--no-embeddings)")

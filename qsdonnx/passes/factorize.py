@@ -302,13 +302,22 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
     raise ConfigError(f"unknown method {m!r}")
 
 
-def measure_layer(rec: WeightRecord, W: np.ndarray, f: Factorization, H: Optional[np.ndarray]) -> None:
+def layer_errors(W: np.ndarray, f: Factorization, H: Optional[np.ndarray]) -> dict:
     """The report's errors of one factorized weight: relative Frobenius error, and with ``H``
     the relative output error ``sqrt(tr(ΔᵀHΔ) / tr(WᵀHW))``."""
-    What = f.dense()
-    rec.rel_error = float(np.linalg.norm(W - What)) / (float(np.linalg.norm(W)) or 1.0)
+    out = {"rel_error": f.error_norm(W) / (float(np.linalg.norm(W)) or 1.0)}
     if H is not None:
-        rec.extra["output_rel_error"] = float(np.sqrt(relative_error(W, What, H)))
+        out["output_rel_error"] = float(np.sqrt(relative_error(W, f.dense(), H)))
+    return out
+
+
+def measure_layer(rec: WeightRecord, W: np.ndarray, f: Factorization, H: Optional[np.ndarray],
+                  errors: Optional[dict] = None) -> None:
+    """Records :func:`layer_errors` (given, or measured here) and the factors' bytes."""
+    errors = layer_errors(W, f, H) if errors is None else errors
+    rec.rel_error = errors["rel_error"]
+    if "output_rel_error" in errors:
+        rec.extra["output_rel_error"] = errors["output_rel_error"]
     rec.extra["factor_bytes"] = f.nbytes()
 
 
@@ -343,14 +352,14 @@ class FactorizeWeightsPass(Pass):
                 for rec in pending:
                     H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
                     dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
-                    yield np.ascontiguousarray(ctx.weights[rec.name]), LayerChoice.of(rec), cfg, H, dense
+                    # (A weight in external data is read by the worker itself.)
+                    yield ctx.weights.source(rec.name), LayerChoice.of(rec), cfg, H, dense
 
             results = factorized(jobs(), workers)
             for rec in tqdm(pending, desc=f"factorizing ({workers} workers)", unit="weight",
                             disable=not cfg.progress, leave=False):
-                f = next(results)
-                measure_layer(rec, ctx.weights[rec.name], f,
-                              ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None)
+                f, errors = next(results)
+                measure_layer(rec, None, f, None, errors)
                 self._done(ctx, rec, f)
         bar = tqdm(todo, desc="factorizing", unit="weight", disable=not cfg.progress, leave=False)
         for rec in bar:

@@ -836,7 +836,7 @@ class LowerQdqPass(Pass):
     # A pass in three steps, so that a weight can be lowered as soon as it is factorized
     # (``FactorizeWeightsPass(sink=...)``) and its factors dropped, instead of all at the end.
     def begin(self, ctx: Context) -> None:
-        self._edit = GraphEdit(ctx.model, ctx.base_dir)
+        self._edit = GraphEdit(ctx.model, ctx.base_dir, spill=ctx.spill)
         self._lowered = 0
 
     def lower_one(self, ctx: Context, rec: WeightRecord, f) -> None:

@@ -256,7 +256,7 @@ def _write_streamed(model: onnx.ModelProto, fh, base_dir: Optional[Path]) -> Non
     built in memory as a whole: the model without its large initializers, then each of them
     as one more ``initializer`` field of the graph (protobuf joins repeated fields in order).
     Tensors in the input's external data are read one at a time and written inline."""
-    from ..store import _copy_fields, is_external, np_dtype, structure_copy, tensor_array
+    from ..store import _copy_fields, is_external, stored_bytes, structure_copy, tensor_nbytes
 
     light, big = structure_copy(model)
     stubs = []
@@ -265,7 +265,7 @@ def _write_streamed(model: onnx.ModelProto, fh, base_dir: Optional[Path]) -> Non
             stub = onnx.TensorProto()
             stub.name, stub.data_type = t.name, t.data_type
             stub.dims.extend(t.dims)
-            n = int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize if t.dims else 0
+            n = tensor_nbytes(t)
             size = stub.ByteSize() + len(_field(RAW_DATA_FIELD, n)) + n
             stubs.append((t, stub, size))
         else:
@@ -283,7 +283,7 @@ def _write_streamed(model: onnx.ModelProto, fh, base_dir: Optional[Path]) -> Non
         if stub is None:
             data = t.SerializeToString()
         else:
-            stub.raw_data = np.ascontiguousarray(tensor_array(t, base_dir)).tobytes()
+            stub.raw_data = stored_bytes(t, base_dir)
             data = stub.SerializeToString()
             stub.ClearField("raw_data")
         if len(data) != size:
@@ -293,14 +293,14 @@ def _write_streamed(model: onnx.ModelProto, fh, base_dir: Optional[Path]) -> Non
 
 def _write_tensors(model: onnx.ModelProto, path: Path, location: str, base_dir: Optional[Path]) -> None:
     """Moves every initializer of at least :data:`EXTERNAL_MIN_BYTES` into ``path``."""
-    from ..store import is_external, tensor_array, tensor_nbytes
+    from ..store import is_external, stored_bytes, tensor_nbytes
 
     with open(path, "wb") as fh:
         for t in model.graph.initializer:
             if tensor_nbytes(t) < EXTERNAL_MIN_BYTES and not is_external(t):
                 continue
             if is_external(t):
-                data = memoryview(np.ascontiguousarray(tensor_array(t, base_dir))).cast("B")
+                data = stored_bytes(t, base_dir)
             elif t.raw_data:
                 data = t.raw_data
             else:

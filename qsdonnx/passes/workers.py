@@ -34,16 +34,20 @@ def _init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _job(W: np.ndarray, choice, cfg, H: Optional[np.ndarray], dense: str):
-    from .factorize import run_choice
+def _job(source, choice, cfg, H: Optional[np.ndarray], dense: str):
+    from .canonicalize import read_matrix
+    from .factorize import layer_errors, run_choice
 
+    W = read_matrix(source)
     f = run_choice(W, choice, cfg, H, dense)
-    return f
+    return f, layer_errors(W, f, H)
 
 
 def factorized(jobs: Iterable[tuple], workers: int) -> Iterator:
-    """``run_choice(W, choice, cfg, H, dense)`` for each job tuple, in order, on ``workers``
-    processes with at most ``workers`` jobs in flight."""
+    """``(run_choice(W, choice, cfg, H, dense), layer_errors(...))`` for each job tuple
+    ``(source, choice, cfg, H, dense)`` (``source``: a matrix, or where a worker reads it, see
+    ``WeightMatrices.source``), in order, on ``workers`` processes with at most ``workers``
+    jobs in flight."""
     threads = max(1, default_jobs() // workers)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init, initargs=(threads,)) as pool:
