@@ -268,12 +268,8 @@ class FindWeightsPass(Pass):
                 rec.skip("is a graph output")
             if rec.status != "candidate":
                 continue
-            if rec.numel < cfg.min_elements:
-                rec.skip(f"too small ({rec.numel} elements < {cfg.min_elements})")
-            elif cfg.is_excluded(wname):
-                rec.skip("excluded by --exclude")
-            elif (ov := cfg.override_for(wname)) is not None and ov.skip:
-                rec.skip("skipped by --override")
+            if reason := _asked_to_skip(rec, cfg):
+                rec.skip(reason)
             elif rec.op == "Gather" and not cfg.compress_embeddings:
                 rec.skip("embedding tables not compressed (--no-embeddings)")
             if rec.status != "candidate":
@@ -333,12 +329,8 @@ class FindWeightsPass(Pass):
         rec.bytes_before = int(np.prod(dims)) * np.dtype(FLOAT_TYPES[tensor.data_type]).itemsize
         if listed_as_input:
             rec.skip("also listed as a graph input (a caller may feed it)")
-        elif rec.numel < cfg.min_elements:
-            rec.skip(f"too small ({rec.numel} elements < {cfg.min_elements})")
-        elif cfg.is_excluded(wname):
-            rec.skip("excluded by --exclude")
-        elif (ov := cfg.override_for(wname)) is not None and ov.skip:
-            rec.skip("skipped by --override")
+        elif reason := _asked_to_skip(rec, cfg):
+            rec.skip(reason)
         elif not np.isfinite(weight := ctx.weight_array(tensor)).all():
             rec.skip("holds NaN/Inf values (kept as it is)")
         if rec.status != "candidate":
@@ -363,6 +355,17 @@ class FindWeightsPass(Pass):
         if rec.op == "Gather" and attrs.get("axis", 0) != 0:
             return "Gather along an axis other than 0"
         return ""
+
+
+def _asked_to_skip(rec: WeightRecord, cfg) -> str:
+    """Why the options leave ``rec`` alone (--min-elements, --exclude, --override), or ''."""
+    if rec.numel < cfg.min_elements:
+        return f"too small ({rec.numel} elements < {cfg.min_elements})"
+    if cfg.is_excluded(rec.name):
+        return "excluded by --exclude"
+    if (ov := cfg.override_for(rec.name)) is not None and ov.skip:
+        return "skipped by --override"
+    return ""
 
 
 def _attrs_key(op: str, attrs: dict, slot: int = 1) -> tuple:
