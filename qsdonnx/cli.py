@@ -102,8 +102,8 @@ def cli(verbose: int) -> None:
               help="Write the tensors to OUTPUT.data next to the output (default: only when the model would "
                    "exceed protobuf's 2 GB).")
 @click.option("--jobs", type=int, default=None, metavar="N",
-              help="Worker processes factorizing weights in parallel (default: one per core; models under "
-                   "16 M weight elements are factorized in this process). Output is the same for any N.")
+              help="Weights factorized in parallel, on worker threads (default: one per core; models under "
+                   "16 M weight elements are factorized one weight at a time). Output is the same for any N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="Print only the totals.")
 def optimize(model, output, method, bits, levels, block_size, symmetric, scale_dtype, rank, sparsity, bits_per_weight, fmt,

@@ -90,7 +90,7 @@ class OptimizeConfig:
     seed: int = 0
     accuracy_level: int = 0
     progress: bool = True
-    jobs: Optional[int] = None  # worker processes for factorization; None: one per core
+    jobs: Optional[int] = None  # weights factorized in parallel (threads); None: one per core
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -43,10 +43,12 @@ def np_dtype(data_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
 
 
-def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path], mapped: bool = False) -> np.ndarray:
-    """The values of ``tensor``: from the protobuf, or read (read-only) from its external data
-    file (``base_dir`` is the model's folder). ``mapped`` gives a view of the memory-mapped file
-    instead (for ONNX Runtime sessions, which hold every weight anyway: the page cache is shared)."""
+def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path], mapped: bool = False,
+                 writable: bool = False) -> np.ndarray:
+    """The values of ``tensor``: from the protobuf, or read (read-only, unless ``writable``: the
+    caller then owns the copy) from its external data file (``base_dir`` is the model's folder).
+    ``mapped`` gives a view of the memory-mapped file instead (for ONNX Runtime sessions, which
+    hold every weight anyway: the page cache is shared)."""
     if not is_external(tensor):
         return numpy_helper.to_array(tensor)
     info = external_info(tensor)
@@ -74,7 +76,7 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path], mapped: boo
         fh.seek(offset)
         if fh.readinto(memoryview(arr).cast("B")) != arr.nbytes:
             raise ValueError(f"external data of tensor {tensor.name!r} is shorter than its shape needs")
-    arr.flags.writeable = False
+    arr.flags.writeable = writable
     return arr.reshape(tuple(tensor.dims))
 
 

@@ -106,14 +106,17 @@ def block_view(W: np.ndarray, block_size: int) -> np.ndarray:
     return W.reshape(kb, block_size, N)
 
 
-# Elementwise work on a large matrix runs over slices of its columns, so the temporaries of one
-# step (quotients, rounded codes, errors) stay near this many elements, not the matrix's size.
-CHUNK_ELEMENTS = 1 << 22
+# Elementwise work on a large matrix runs over slices of whole blocks of its rows (contiguous,
+# so no copy), so the temporaries of one step (quotients, rounded codes, errors) stay near
+# this many elements, not the matrix's size.
+CHUNK_ELEMENTS = 1 << 20
 
 
-def column_slices(rows: int, cols: int):
-    step = max(1, CHUNK_ELEMENTS // max(rows, 1))
-    return [slice(j, min(j + step, cols)) for j in range(0, cols, step)]
+def block_row_slices(k_blocks: int, block_size: int, cols: int, elements: int = CHUNK_ELEMENTS):
+    """Slices of block indices covering ``k_blocks`` blocks of ``block_size x cols`` values,
+    each near ``elements`` values (at least one block)."""
+    step = max(1, elements // max(block_size * cols, 1))
+    return [slice(b, min(b + step, k_blocks)) for b in range(0, k_blocks, step)]
 
 
 def quantize_with_grid(W: np.ndarray, scales: np.ndarray, zero_points: Optional[np.ndarray],
@@ -124,18 +127,49 @@ def quantize_with_grid(W: np.ndarray, scales: np.ndarray, zero_points: Optional[
     qmin, qmax = code_range(bits, symmetric, levels)
     K, N = W.shape
     codes = np.empty((K, N), np.int8 if symmetric else np.uint8)
-    for cols in column_slices(K, N):
-        s = torch.from_numpy(np.repeat(scales[:, cols], block_size, axis=0)[:K])
+    Wb = block_view(np.asarray(W, np.float32), block_size)
+    cb = codes.reshape(K // block_size, block_size, N) if K % block_size == 0 else None
+    for blocks in block_row_slices(Wb.shape[0], block_size, N):
+        s = torch.from_numpy(np.ascontiguousarray(scales[blocks], np.float32))[:, None, :]
         z = None
         if zero_points is not None:
-            z = torch.from_numpy(np.repeat(zero_points[:, cols].astype(np.float32), block_size, axis=0)[:K])
-        c = quantize_t(torch.from_numpy(np.ascontiguousarray(W[:, cols], dtype=np.float32)), s, z, qmin, qmax)
-        codes[:, cols] = c.numpy()
+            z = torch.from_numpy(zero_points[blocks].astype(np.float32))[:, None, :]
+        c = quantize_t(torch.from_numpy(np.ascontiguousarray(Wb[blocks])), s, z, qmin, qmax).numpy()
+        if cb is not None:
+            cb[blocks] = c
+        else:
+            r0 = blocks.start * block_size
+            flat = c.reshape(-1, N)
+            codes[r0:r0 + flat.shape[0]] = flat[:K - r0]
     return QuantizedMatrix(codes=codes, scales=scales.astype(np.float32), zero_points=zero_points,
                            bits=bits, block_size=block_size, scale_dtype=scale_dtype, levels=levels)
 
 
 CLIP_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 9), 4))
+
+
+def _stored_t(needed: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """:func:`store_scales` on a tensor (the same values, as float32)."""
+    if scale_dtype == "float32":
+        return torch.where(needed > 0, needed, torch.ones_like(needed))
+    dt = getattr(torch, scale_dtype)
+    s = needed.clamp(max=torch.finfo(dt).max).to(dt)
+    low = s.float() < needed
+    if bool(low.any()):
+        s = torch.where(low, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    return torch.where(needed > 0, s.float(), torch.ones_like(needed))
+
+
+def _grid_t(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+            scale_dtype: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`scales_from_range` of the ranges ``(lo, hi)`` (float64, already including 0),
+    on tensors; the zero points as float32."""
+    lo = lo.float()
+    hi = hi.float()
+    if symmetric:
+        return _stored_t(torch.maximum(-lo / float(-qmin), hi / float(qmax)), scale_dtype), None
+    s = _stored_t((hi - lo) / float(qmax), scale_dtype)
+    return s, torch.clamp(torch.round(-lo / s), qmin, qmax)
 
 
 def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str,
@@ -144,42 +178,48 @@ def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str,
     """Per block, the grid that minimizes the block's squared rounding error among the min/max
     grids of the range shrunk by each factor in ``CLIP_FACTORS``: clipping a few extreme values
     buys a finer step for all the others (``Wb``: ``(k_blocks, block, N)``).  ``row_weights``
-    (``(k_blocks, block)``) weights each row's error, e.g. by its input's energy ``diag(H)``."""
-    slices = column_slices(Wb.shape[0] * Wb.shape[1], Wb.shape[2])
-    if len(slices) > 1:  # each column's grid is its own: solved a slice of columns at a time
-        parts = [mse_grid(Wb[:, :, cols], bits, symmetric, scale_dtype, row_weights, levels) for cols in slices]
-        s = np.concatenate([p[0] for p in parts], axis=1)
-        z = None if parts[0][1] is None else np.concatenate([p[1] for p in parts], axis=1)
-        return s, z
-    lo, hi = Wb.min(axis=1), Wb.max(axis=1)
+    (``(k_blocks, block)``) weights each row's error, e.g. by its input's energy ``diag(H)``.
+
+    The same grids as :func:`scales_from_range` of the shrunk ranges; the search runs in torch,
+    a few block rows at a time (contiguous, and small enough for every candidate's pass to
+    stay in cache)."""
+    kb, block, N = Wb.shape
     qmin, qmax = code_range(bits, symmetric, levels)
-    best_err = best_s = best_z = None
-    w = torch.from_numpy(np.ascontiguousarray(Wb, dtype=np.float32))
     rw = None if row_weights is None else torch.from_numpy(np.asarray(row_weights, np.float32))[:, :, None]
-    q = torch.empty_like(w)
-    for f in CLIP_FACTORS:
-        s, z = scales_from_range(lo * f, hi * f, bits, symmetric, scale_dtype, levels)
-        st = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))[:, None, :]
-        # In place, in one buffer: codes, then their dequantized error, then its square.
-        torch.div(w, st, out=q).round_()
-        if z is not None:
-            zt = torch.from_numpy(z.astype(np.float32))[:, None, :]
-            q.add_(zt).clamp_(qmin, qmax).sub_(zt)
-        else:
-            q.clamp_(qmin, qmax)
-        q.mul_(st).sub_(w).square_()
-        if rw is not None:
-            q.mul_(rw)
-        err = q.sum(dim=1).numpy()
-        if best_err is None:
-            best_err, best_s, best_z = err, s, z
-            continue
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_s = np.where(better, s, best_s)
-        if z is not None:
-            best_z = np.where(better, z, best_z)
-    return best_s.astype(np.float32), best_z
+    s_out = np.empty((kb, N), np.float32)
+    z_out = None if symmetric else np.empty((kb, N), np.uint8)
+    factors = torch.tensor([float(f) for f in CLIP_FACTORS], dtype=torch.float64)[:, None, None]
+    for blocks in block_row_slices(kb, block, N):
+        w = torch.from_numpy(np.ascontiguousarray(Wb[blocks], dtype=np.float32))
+        lo = torch.clamp(w.amin(dim=1), max=0.0).double()
+        hi = torch.clamp(w.amax(dim=1), min=0.0).double()
+        # Every candidate's grid at once: (factors, k_blocks, columns).
+        S, Z = _grid_t(lo[None] * factors, hi[None] * factors, qmin, qmax, symmetric, scale_dtype)
+        q = torch.empty_like(w)
+        best_err = best = None
+        for i in range(len(CLIP_FACTORS)):
+            st = S[i][:, None, :]
+            # In place, in one buffer: codes, then their dequantized error, then its square.
+            torch.div(w, st, out=q).round_()
+            if Z is not None:
+                zt = Z[i][:, None, :]
+                q.add_(zt).clamp_(qmin, qmax).sub_(zt)
+            else:
+                q.clamp_(qmin, qmax)
+            q.mul_(st).sub_(w).square_()
+            if rw is not None:
+                q.mul_(rw[blocks])
+            err = q.sum(dim=1)
+            if best_err is None:
+                best_err, best = err, torch.zeros(err.shape, dtype=torch.int64)
+                continue
+            # Strictly better only: of equally good candidates the least clipped wins.
+            best.masked_fill_(err < best_err, i)
+            torch.minimum(best_err, err, out=best_err)
+        s_out[blocks] = torch.gather(S, 0, best[None])[0].numpy()
+        if z_out is not None:
+            z_out[blocks] = torch.gather(Z, 0, best[None])[0].numpy().astype(np.uint8)
+    return s_out, z_out
 
 
 def block_grid(W: np.ndarray, bits: int, block_size: int, symmetric: bool,

@@ -128,15 +128,26 @@ class QuantizedMatrix:
     def code_rate(self) -> float:
         return code_rate(self.bits, self.levels)
 
-    def dequantize(self, cols: slice = slice(None)) -> np.ndarray:
+    def dequantize(self, rows: slice = slice(None)) -> np.ndarray:
         """``(codes - zero_point) * scale`` with the scale broadcast over its block (of the
-        columns ``cols`` only, when given)."""
+        rows ``rows`` only, when given: a slice that starts on a block boundary)."""
         K = self.codes.shape[0]
-        scale = np.repeat(self.scales[:, cols].astype(self.scale_dtype).astype(np.float32), self.block_size, axis=0)[:K]
-        c = self.codes[:, cols].astype(np.float32)
-        if self.zero_points is not None:
-            c -= np.repeat(self.zero_points[:, cols].astype(np.float32), self.block_size, axis=0)[:K]
-        c *= scale
+        r0, r1, _ = rows.indices(K)
+        bs = self.block_size
+        if r0 % bs:
+            raise ValueError(f"rows must start on a block boundary ({bs}), got {r0}")
+        c = self.codes[r0:r1].astype(np.float32)
+        b0, n = r0 // bs, r1 - r0
+        full = n // bs
+        scale = self.scales[b0:b0 + num_blocks(n, bs)].astype(self.scale_dtype).astype(np.float32)
+        zero = None if self.zero_points is None else self.zero_points[b0:b0 + num_blocks(n, bs)].astype(np.float32)
+        # Whole blocks as (blocks, block, N), broadcast against their scales; then the last rows.
+        for part, blocks in ((c[:full * bs].reshape(full, bs, c.shape[1]), slice(0, full)),
+                             (c[full * bs:][None], slice(full, full + 1))):
+            if part.size:
+                if zero is not None:
+                    part -= zero[blocks][:, None, :]
+                part *= scale[blocks][:, None, :]
         return c
 
     def stored_scales(self) -> np.ndarray:
@@ -306,17 +317,20 @@ class Factorization:
         return out
 
     def error_norm(self, W: np.ndarray, chunk_elements: int = 1 << 22) -> float:
-        """``‖W − W_hat‖_F``, reconstructed a few columns at a time when only the block codes
+        """``‖W − W_hat‖_F``, reconstructed a few block rows at a time when only the block codes
         are present (so a large weight is never rebuilt whole); otherwise from :meth:`dense`."""
         if self.left is not None or self.sparse is not None or not isinstance(self.q, QuantizedMatrix):
             return float(np.linalg.norm(W - self.dense()))
+        import torch
+
         K, N = self.shape
-        step = max(1, chunk_elements // max(K, 1))
+        bs = self.q.block_size
+        step = bs * max(1, chunk_elements // max(bs * N, 1))
         total = 0.0
-        for j in range(0, N, step):
-            d = self.q.dequantize(slice(j, j + step))
-            d -= W[:, j:j + step]
-            total += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+        for r in range(0, K, step):
+            d = torch.from_numpy(self.q.dequantize(slice(r, r + step)))
+            d.sub_(torch.from_numpy(np.ascontiguousarray(W[r:r + step], np.float32))).square_()
+            total += float(d.sum(dtype=torch.float64))
         return float(np.sqrt(total))
 
     def nbytes(self) -> int:

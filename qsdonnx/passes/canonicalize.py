@@ -106,7 +106,17 @@ def read_matrix(source) -> np.ndarray:
     data, base_dir, op, attrs, slot = source
     tensor = onnx.TensorProto()
     tensor.ParseFromString(data)
-    _, matrix = matrix_view(op, tensor_array(tensor, base_dir), attrs, slot)
+    return _own_matrix(op, tensor, tensor_array(tensor, base_dir, writable=True), attrs, slot)
+
+
+def _own_matrix(op: str, tensor: onnx.TensorProto, values: np.ndarray, attrs: dict, slot: int) -> np.ndarray:
+    """The float32 C-ordered matrix view of a tensor's values, the caller's to change: a copy,
+    except of a fresh writable float32 read from external data (a whole weight less at peak)."""
+    from ..store import is_external
+
+    _, matrix = matrix_view(op, values, attrs, slot)
+    if is_external(tensor) and matrix.flags.writeable:
+        return np.ascontiguousarray(matrix, dtype=np.float32)
     return np.array(matrix, dtype=np.float32, order="C")
 
 
@@ -132,8 +142,9 @@ class WeightMatrices(MutableMapping):
         if tensor is None:
             raise KeyError(f"{name} (no longer in the model)")
         op, attrs, slot = self.views[name]
-        _, matrix = matrix_view(op, self.ctx.weight_array(tensor), attrs, slot)
-        return np.array(matrix, dtype=np.float32, order="C")
+        from ..store import tensor_array
+
+        return _own_matrix(op, tensor, tensor_array(tensor, self.ctx.base_dir, writable=True), attrs, slot)
 
     def source(self, name: str):
         """What a worker process needs to read the matrix itself: the array when it is held or

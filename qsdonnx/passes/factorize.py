@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -343,11 +342,9 @@ class FactorizeWeightsPass(Pass):
         todo = ctx.candidates()
         pending = [rec for rec in todo if rec.name not in ctx.factorizations]
         workers = min(cfg.jobs or default_jobs(), len(pending))
-        if multiprocessing.current_process().daemon:
-            workers = 1  # a daemonic process (one of a caller's own pools) may not start children
         numel = sum(int(np.prod(rec.matrix_shape)) for rec in pending)
         if workers > 1 and numel >= PARALLEL_MIN_ELEMENTS:
-            # Weights not already computed by the global planner go to worker processes.
+            # Weights not already computed by the global planner go to worker threads.
             def jobs():
                 for rec in pending:
                     H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
