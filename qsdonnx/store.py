@@ -71,13 +71,35 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: Optional[Path], mapped: boo
     # A private copy, read from the (page-cached) file: it costs memory only while the caller
     # holds it. A view of the mapping would stay in the process's resident set once touched,
     # so a pass reading every weight would end up holding the whole model.
+    arr = _read(tensor, path, offset, count, dtype)
+    arr.flags.writeable = writable
+    return arr.reshape(tuple(tensor.dims))
+
+
+def _read(tensor: onnx.TensorProto, path: Path, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
     arr = np.empty(count, dtype)
     with open(path, "rb") as fh:
         fh.seek(offset)
         if fh.readinto(memoryview(arr).cast("B")) != arr.nbytes:
             raise ValueError(f"external data of tensor {tensor.name!r} is shorter than its shape needs")
-    arr.flags.writeable = writable
-    return arr.reshape(tuple(tensor.dims))
+    return arr
+
+
+def reads_rows(tensor: onnx.TensorProto) -> bool:
+    """Whether :func:`tensor_rows` can read slices of ``tensor`` (external, of a whole-byte type)."""
+    return (is_external(tensor) and len(tensor.dims) >= 1 and tensor.data_type not in SUB_BYTE_TYPES
+            and tensor.data_type != onnx.TensorProto.STRING and np_dtype(tensor.data_type).itemsize > 0)
+
+
+def tensor_rows(tensor: onnx.TensorProto, base_dir: Optional[Path], start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of the first axis of an external tensor (see :func:`reads_rows`),
+    read from its data file alone: a private, writable array of shape ``(stop - start, *dims[1:])``."""
+    dims = tuple(int(d) for d in tensor.dims)
+    stop = min(stop, dims[0])
+    row = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+    dtype = np_dtype(tensor.data_type)
+    offset = int(external_info(tensor).get("offset", 0) or 0) + start * row * dtype.itemsize
+    return _read(tensor, _data_path(tensor, base_dir), offset, (stop - start) * row, dtype).reshape((stop - start,) + dims[1:])
 
 
 def _data_path(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> Path:

@@ -109,6 +109,30 @@ def read_matrix(source) -> np.ndarray:
     return _own_matrix(op, tensor, tensor_array(tensor, base_dir, writable=True), attrs, slot)
 
 
+def _keeps_rows(op: str, slot: int, tensor: onnx.TensorProto) -> bool:
+    """Whether the matrix view's rows are the stored tensor's rows (its first axis), so a few
+    of them can be read from external data without the rest: MatMul ``B``, ConvTranspose."""
+    return (op == "MatMul" and slot == 1 and len(tensor.dims) == 2) or (op == "ConvTranspose" and len(tensor.dims) >= 3)
+
+
+def row_reader(source):
+    """``(read, (K, N))`` of a :meth:`WeightMatrices.source`: ``read(a, b)`` gives rows ``a:b``
+    of its float32 matrix; read straight from the data file when the weight is external and
+    its view keeps the stored rows, else from the matrix read whole."""
+    from ..store import reads_rows, tensor_rows
+
+    if not isinstance(source, np.ndarray):
+        data, base_dir, op, attrs, slot = source
+        tensor = onnx.TensorProto()
+        tensor.ParseFromString(data)
+        if reads_rows(tensor) and _keeps_rows(op, slot, tensor):
+            K, N = int(tensor.dims[0]), int(np.prod(tensor.dims[1:]))
+            return (lambda a, b: tensor_rows(tensor, base_dir, a, b).reshape(-1, N)), (K, N)
+        source = read_matrix(source)
+    W = source
+    return (lambda a, b: W[a:b]), W.shape
+
+
 def _own_matrix(op: str, tensor: onnx.TensorProto, values: np.ndarray, attrs: dict, slot: int) -> np.ndarray:
     """The float32 C-ordered matrix view of a tensor's values, the caller's to change: a copy,
     except of a fresh writable float32 read from external data (a whole weight less at peak)."""

@@ -15,7 +15,7 @@ from ..factorize.lplr import lplr_factorize
 from ..factorize.qsd_dictionary import dictionary_applicable, index_bits, qsd_dictionary, qsd_dictionary_nbytes
 from ..factorize.pq import pq_applicable, pq_factorize, pq_nbytes
 from ..factorize.trellis import TRELLIS_BITS, trellis_applicable, trellis_factorize, trellis_nbytes
-from ..factorize.rtn import rtn_factorize
+from ..factorize.rtn import rtn_factorize, rtn_factorize_rows
 from ..factorize.svd import svd_factorize
 from ..factorize.types import CODES_PER_WORD, LEVEL_WORDS, Factorization, container_width, level_bits
 from ..factorize.vq import VQ_CODE_BITS, VQ_DIM, vq_factorize, vq_group, vq_nbytes
@@ -301,6 +301,20 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
     raise ConfigError(f"unknown method {m!r}")
 
 
+def reads_rows(choice: LayerChoice, H: Optional[np.ndarray]) -> bool:
+    """Whether ``choice`` needs only a few rows of its weight at a time (round-to-nearest:
+    every block's grid is its own), so the weight is never held whole."""
+    return H is None and choice.method in ("rtn", "gptq")
+
+
+def run_rows(read, shape: tuple[int, int], choice: LayerChoice, cfg: OptimizeConfig) -> tuple[Factorization, dict]:
+    """:func:`run_choice` and :func:`layer_errors` of a weight :func:`reads_rows` accepts, its
+    rows ``a:b`` given by ``read(a, b)``; the same factors as :func:`run_choice`."""
+    f, rel = rtn_factorize_rows(read, shape, choice.bits, choice.block_size, cfg.symmetric, cfg.scale_dtype,
+                                cfg.clip_search, choice.levels)
+    return f, {"rel_error": rel}
+
+
 def layer_errors(W: np.ndarray, f: Factorization, H: Optional[np.ndarray]) -> dict:
     """The report's errors of one factorized weight: relative Frobenius error, and with ``H``
     the relative output error ``sqrt(tr(ΔᵀHΔ) / tr(WᵀHW))``."""
@@ -341,39 +355,31 @@ class FactorizeWeightsPass(Pass):
         cfg = ctx.config
         todo = ctx.candidates()
         pending = [rec for rec in todo if rec.name not in ctx.factorizations]
-        workers = min(cfg.jobs or default_jobs(), len(pending))
         numel = sum(int(np.prod(rec.matrix_shape)) for rec in pending)
-        if workers > 1 and numel >= PARALLEL_MIN_ELEMENTS:
-            # Weights not already computed by the global planner go to worker threads.
-            def jobs():
-                for rec in pending:
-                    H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
-                    dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
-                    # (A weight in external data is read by the worker itself.)
-                    yield ctx.weights.source(rec.name), LayerChoice.of(rec), cfg, H, dense
+        workers = min(cfg.jobs or default_jobs(), len(pending)) if numel >= PARALLEL_MIN_ELEMENTS else 1
 
-            results = factorized(jobs(), workers)
-            for rec in tqdm(pending, desc=f"factorizing ({workers} workers)", unit="weight",
-                            disable=not cfg.progress, leave=False):
+        def jobs():
+            for rec in pending:
+                H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
+                dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
+                # (A weight in external data is read where it is factorized, a few rows at a
+                # time when its method allows.)
+                yield ctx.weights.source(rec.name), LayerChoice.of(rec), cfg, H, dense
+
+        results = factorized(jobs(), max(1, workers))
+        desc = "factorizing" + (f" ({workers} workers)" if workers > 1 else "")
+        for rec in tqdm(todo, desc=desc, unit="weight", disable=not cfg.progress, leave=False):
+            f = ctx.factorizations.get(rec.name)
+            if f is not None:  # chosen (and computed) by the global planner
+                W = ctx.weights[rec.name]
+                H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
+                measure_layer(rec, W, f, H)
+                del W
+            else:
                 f, errors = next(results)
                 measure_layer(rec, None, f, None, errors)
-                self._done(ctx, rec, f)
-        bar = tqdm(todo, desc="factorizing", unit="weight", disable=not cfg.progress, leave=False)
-        for rec in bar:
-            if rec.status == "compressed":
-                continue
-            W = ctx.weights[rec.name]
-            H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
-            f = ctx.factorizations.get(rec.name)
-            if f is None:  # not already chosen (and computed) by the global planner
-                choice = LayerChoice.of(rec)
-                dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
-                f = run_choice(W, choice, cfg, H, dense)
-            measure_layer(rec, W, f, H)
-            del W
             self._done(ctx, rec, f)
-        return f"{len(todo)} weights factorized" + (f" ({workers} workers)" if workers > 1
-                                                   and numel >= PARALLEL_MIN_ELEMENTS else "")
+        return f"{len(todo)} weights factorized" + (f" ({workers} workers)" if workers > 1 else "")
 
 
 # --- the global planner -----------------------------------------------------------------------

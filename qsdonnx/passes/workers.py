@@ -31,19 +31,25 @@ def default_jobs() -> int:
 
 
 def _job(source, choice, cfg, H: Optional[np.ndarray], dense: str):
-    from .canonicalize import read_matrix
-    from .factorize import layer_errors, run_choice
+    from .canonicalize import read_matrix, row_reader
+    from .factorize import layer_errors, reads_rows, run_choice, run_rows
 
+    if reads_rows(choice, H):
+        return run_rows(*row_reader(source), choice, cfg)
     W = read_matrix(source)
     f = run_choice(W, choice, cfg, H, dense)
     return f, layer_errors(W, f, H)
 
 
 def factorized(jobs: Iterable[tuple], workers: int) -> Iterator:
-    """``(run_choice(W, choice, cfg, H, dense), layer_errors(...))`` for each job tuple
+    """``(factors, errors)`` (see ``run_choice`` and ``layer_errors``) for each job tuple
     ``(source, choice, cfg, H, dense)`` (``source``: a matrix, or where to read it, see
-    ``WeightMatrices.source``), in order, on ``workers`` threads with at most ``workers``
-    jobs in flight, counting the one the caller holds."""
+    ``WeightMatrices.source``), in order; on ``workers`` threads with at most ``workers``
+    jobs in flight, counting the one the caller holds (one worker: in this thread)."""
+    if workers <= 1:
+        for args in jobs:
+            yield _job(*args)
+        return
     import torch
 
     before = torch.get_num_threads()

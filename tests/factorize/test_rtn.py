@@ -96,3 +96,66 @@ def test_rtn_2bit_uses_the_negative_code():
     qm = rtn_quantize(W, 2, 4)
     assert qm.scales[0, 0] == 0.5
     assert qm.codes.ravel().tolist() == [-2, 1, 0, -1]
+
+
+def _clip_search_reference(W, bits, bs, symmetric):
+    """Per block, the shrink factor of CLIP_FACTORS whose min/max grid (numpy's
+    scales_from_range) has the least squared error; the first of equals."""
+    from qsdonnx.factorize.quantizers import CLIP_FACTORS, block_view, scales_from_range
+
+    Wb = block_view(W, bs).astype(np.float64)
+    lo, hi = Wb.min(axis=1), Wb.max(axis=1)
+    qmin, qmax = code_range(bits, symmetric)
+    best_err = best_s = best_z = None
+    for f in CLIP_FACTORS:
+        s, z = scales_from_range(lo * f, hi * f, bits, symmetric, "float16")
+        zz = 0 if z is None else z.astype(np.float64)[:, None, :]
+        c = np.clip(np.round(Wb.astype(np.float32) / s[:, None, :]) + zz, qmin, qmax)
+        err = (((c - zz) * s[:, None, :] - Wb) ** 2).sum(axis=1)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+            continue
+        better = err < best_err - 1e-12 * np.abs(best_err)
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_z = None if z is None else np.where(better, z, best_z)
+    return best_s, best_z
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clip_search_picks_the_least_squared_error_grid_of_each_block(bits, symmetric):
+    rng = np.random.default_rng(bits)
+    W = (rng.standard_normal((96, 40)) * rng.gamma(1.0, 1.0, (96, 1))).astype(np.float32)
+    W[5] *= 30  # outliers make clipping pay in some blocks, not in others
+    s_ref, z_ref = _clip_search_reference(W, bits, 32, symmetric)
+    qm = rtn_quantize(W, bits, 32, symmetric=symmetric)
+    assert (s_ref != s_ref.max()).any()  # the factors differ between blocks
+    np.testing.assert_array_equal(qm.scales, s_ref)
+    if not symmetric:
+        np.testing.assert_array_equal(qm.zero_points, z_ref)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("K", [96, 100])
+def test_rtn_read_a_few_rows_at_a_time_gives_the_same_codes_and_its_error(monkeypatch, K, symmetric):
+    """A matrix read in pieces of a few blocks of rows (the last one partial when K is not a
+    multiple of the block) is quantized exactly as the whole matrix, and the error measured
+    piece by piece is the whole matrix's."""
+    from qsdonnx.factorize import rtn
+
+    W = np.random.default_rng(K).standard_normal((K, 24)).astype(np.float32)
+    whole = rtn_quantize(W, 3, 16, symmetric=symmetric)
+    reads = []
+
+    def read(a, b):
+        reads.append((a, b))
+        return W[a:b]
+
+    monkeypatch.setattr(rtn, "ROWS_ELEMENTS", 32 * 24)  # two blocks of 16 rows per read
+    f, rel = rtn.rtn_factorize_rows(read, W.shape, 3, 16, symmetric=symmetric)
+    assert reads[0] == (0, 32) and len(reads) == -(-K // 32) and reads[-1][1] == K
+    np.testing.assert_array_equal(f.q.codes, whole.codes)
+    np.testing.assert_array_equal(f.q.scales, whole.scales)
+    d = W - whole.dequantize()
+    assert rel == pytest.approx(np.linalg.norm(d) / np.linalg.norm(W), rel=1e-5)
