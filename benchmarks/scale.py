@@ -11,12 +11,15 @@ file (never held in memory as a whole):
   11008x4096), float16, about 12.2 GiB.
 
 For each model it runs, as separate processes, ``qsdonnx optimize --method rtn --bits 4
---no-validate`` (with its default worker processes, and with ``--jobs 1``) and ONNX Runtime's
-``MatMulNBitsQuantizer`` (4 bits, block 32, saved with external data), and prints wall time,
-peak RSS (the process's own, imports included, and that of all its processes together, worker
-processes included), output size, and the relative error of both outputs against the original
-on one input, run in ONNX Runtime. Options: ``--models mlp6,mlp12``, ``--7b``, ``--work DIR`` (default: a temporary
-folder, removed at the end unless ``--keep``), ``--skip-peer``.
+--no-validate`` (with its default of one worker thread per core, and with ``--jobs 1``) and
+ONNX Runtime's ``MatMulNBitsQuantizer`` (4 bits, block 32, saved with external data; on the
+7B-shaped model only with ``--peer-7b``, as it loads the whole model), and prints wall time,
+peak RSS (the process's own, imports included, and that of all its processes together),
+output size, and the relative error of both outputs against the original on one input, run
+in ONNX Runtime. With ``--7b`` it also times GPTQ on one weight of each of that model's shapes
+and prints the projected time for all of them. Options: ``--models mlp6,mlp12``, ``--7b``,
+``--work DIR`` (default: a temporary folder, removed at the end unless ``--keep``),
+``--skip-peer``, ``--peer-7b``, ``--skip-gptq-projection``, ``--json FILE``.
 """
 from __future__ import annotations
 
@@ -139,6 +142,34 @@ def rel_error(src: Path, out: Path, dtype) -> float:
     return float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
 
 
+def gptq_projection(name: str, rows: int = 512) -> dict:
+    """Seconds of GPTQ (4 bits, the default block, ``H`` from ``rows`` random input rows) on one
+    weight of each distinct shape of ``name``, and the whole model's projected time: the sum
+    over its weights of their shape's time (calibration runs not counted)."""
+    import time
+    from collections import Counter
+
+    from qsdonnx.config import OptimizeConfig
+    from qsdonnx.factorize.gptq import gptq_factorize
+    from qsdonnx.passes.factorize import GPTQ_DAMP
+
+    spec = MODELS[name]
+    counts = Counter(spec["shapes"])
+    block = OptimizeConfig().block_size
+    rng = np.random.default_rng(0)
+    per_shape = {}
+    for (K, N) in counts:
+        W = (rng.standard_normal((K, N), dtype=np.float32) / np.sqrt(K))
+        X = rng.standard_normal((rows, K), dtype=np.float32)
+        H = X.T @ X / rows
+        t = time.perf_counter()
+        gptq_factorize(W, H, 4, block, damp=GPTQ_DAMP, act_order=True)
+        per_shape[f"{K}x{N}"] = time.perf_counter() - t
+        del W, X, H
+    total = spec["blocks"] * sum(c * per_shape[f"{K}x{N}"] for (K, N), c in counts.items())
+    return {"per_shape_s": per_shape, "projected_s": total}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mlp6,mlp12")
@@ -147,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--skip-gptq-projection", action="store_true")
+    # ONNX Runtime's quantizer loads the whole model (6.6 GiB for mlp12's 5.25 GiB): on the
+    # 12 GiB float16 model it would need more memory than a 24 GB machine has to spare.
+    ap.add_argument("--peer-7b", action="store_true", help="also run ONNX Runtime's quantizer on the 7B-shaped model")
     args = ap.parse_args(argv)
     names = args.models.split(",") + (["llama7b"] if args.big else [])
     work = args.work or Path(tempfile.mkdtemp(prefix="qsdonnx-scale-"))
@@ -167,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                     for p in work.glob(out.name + "*"):
                         p.unlink()
                 row[tool] = q
-            if not args.skip_peer:
+            if not args.skip_peer and (name != "llama7b" or args.peer_7b):
                 peer_out = work / f"{name}.ort.onnx"
                 script = work / "ort_nbits.py"
                 script.write_text(PEER)
@@ -196,8 +231,15 @@ def main(argv: list[str] | None = None) -> int:
             err = f"{c['rel_error']:.4f}" if ok else (c["output"].strip().splitlines() or ["?"])[-1][:80]
             print(f"| {r['model']} | {r['input_gib']:.2f} GiB | {label} | {c['rc']} | {c['seconds']:.0f} s | "
                   f"{c['rss_mib'] / 1024:.2f} GiB | {c['tree_rss_mib'] / 1024:.2f} GiB | {size} | {err} |")
+    projection = None
+    if args.big and not args.skip_gptq_projection:
+        projection = gptq_projection("llama7b")
+        shapes = ", ".join(f"{k}: {v:.1f} s" for k, v in projection["per_shape_s"].items())
+        print(f"\nllama7b, GPTQ 4-bit projected from one weight of each shape ({shapes}): "
+              f"{projection['projected_s'] / 60:.0f} min for its {MODELS['llama7b']['blocks'] * len(MODELS['llama7b']['shapes'])} weights "
+              "(factorization only, one process)")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "gptq_projection": projection}, indent=2) + "\n")
     return 0
 
 

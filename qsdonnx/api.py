@@ -218,7 +218,7 @@ def _finish(ctx: Context, cfg: OptimizeConfig, output, passed: bool = True) -> O
         t = time.perf_counter()
         with stage("save"):
             size = save_model(ctx.model, Path(output), base_dir=ctx.base_dir,
-                              external_data=True if ctx.spill is not None else cfg.external_data)
+                              external_data=True if ctx.spill is not None else cfg.external_data, spill=ctx.spill)
         ctx.timings["save"] = time.perf_counter() - t
     report = Report.from_context(ctx, size)
     if cfg.report is not None:

@@ -140,7 +140,7 @@ def inline_copy(tensor: onnx.TensorProto, base_dir: Optional[Path]) -> onnx.Tens
 class TensorSpill:
     """A data file that new tensors are moved to as soon as they are made (each replaced by an
     external reference with an absolute location), so that an output larger than memory is
-    never held: the save step copies them to the output's data file and removes this one."""
+    never held: the save step makes this file the output's data file, or copies them into it."""
 
     ALIGN = 4096
 
@@ -169,9 +169,12 @@ class TensorSpill:
         self.bytes += length
         return external_stub(tensor, str(self.path), length, offset)
 
-    def remove(self) -> None:
+    def close(self) -> None:
         if not self.fh.closed:
             self.fh.close()
+
+    def remove(self) -> None:
+        self.close()
         self.path.unlink(missing_ok=True)
 
 

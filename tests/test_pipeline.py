@@ -427,6 +427,10 @@ def test_large_input_writes_its_new_tensors_to_disk_as_they_are_made(tmp_path, e
         return out
 
     monkeypatch.setattr(TensorSpill, "put", recording)
+    inodes = []
+    close = TensorSpill.close
+    monkeypatch.setattr(TensorSpill, "close", lambda self: (self.path.exists() and inodes.append(self.path.stat().st_ino))
+                        or close(self))
     dst = tmp_path / "out" / "m.onnx"
     dst.parent.mkdir()
     res = qsdonnx.optimize(external_model, dst, method="rtn", bits=4, progress=False)
@@ -438,6 +442,11 @@ def test_large_input_writes_its_new_tensors_to_disk_as_they_are_made(tmp_path, e
     assert rel_l2(run_model(external_model, feeds_for(model))[0], got) == pytest.approx(res.report.validation["max_rel_l2"], rel=0.5)
     header = onnx.load(str(dst), load_external_data=False)
     assert {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"} == {"m.onnx.data"}
+    # The spilled tensors' file became the data file (renamed, not copied), with the model
+    # file's permissions.
+    data = os.stat(dst.with_name("m.onnx.data"))
+    assert inodes and data.st_ino == inodes[-1]
+    assert data.st_mode == os.stat(dst).st_mode
 
 
 @pytest.mark.parametrize("jobs", [1, 2])

@@ -367,8 +367,13 @@ class FactorizeWeightsPass(Pass):
                 yield ctx.weights.source(rec.name), LayerChoice.of(rec), cfg, H, dense
 
         results = factorized(jobs(), max(1, workers))
-        desc = "factorizing" + (f" ({workers} workers)" if workers > 1 else "")
-        for rec in tqdm(todo, desc=desc, unit="weight", disable=not cfg.progress, leave=False):
+        desc = "factorizing" + (f" ({workers} workers)" if workers > 1 else "") + ", bytes read"
+        # Progress in bytes read, so that the remaining time is right for weights of any size;
+        # the postfix counts weights and the bytes their results take.
+        bar = tqdm(total=sum(rec.bytes_before for rec in todo), desc=desc, unit="B", unit_scale=True,
+                   unit_divisor=1024, disable=not cfg.progress, leave=False)
+        written = 0
+        for done, rec in enumerate(todo, 1):
             f = ctx.factorizations.get(rec.name)
             if f is not None:  # chosen (and computed) by the global planner
                 W = ctx.weights[rec.name]
@@ -379,6 +384,10 @@ class FactorizeWeightsPass(Pass):
                 f, errors = next(results)
                 measure_layer(rec, None, f, None, errors)
             self._done(ctx, rec, f)
+            written += rec.bytes_after or rec.extra.get("factor_bytes", 0)
+            bar.set_postfix_str(f"{done}/{len(todo)} weights, {written / 2**20:.1f} MiB written", refresh=False)
+            bar.update(rec.bytes_before)
+        bar.close()
         return f"{len(todo)} weights factorized" + (f" ({workers} workers)" if workers > 1 else "")
 
 

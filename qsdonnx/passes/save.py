@@ -163,7 +163,7 @@ ALIGN = 4096  # data-file offsets, so each tensor can be memory-mapped on its ow
 
 
 def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_dir: Optional[Path] = None,
-               external_data: Optional[bool] = None) -> int:
+               external_data: Optional[bool] = None, spill=None) -> int:
     """Writes ``output`` atomically (temp files in the same directory, checked, then renamed).
 
     Tensors go to ``<output>.data`` when the model with all its tensors would pass protobuf's
@@ -171,8 +171,9 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_di
     protobuf or from the input's external data (``base_dir``) and released from
     the protobuf once written, so the output is never held in memory as a whole.  Otherwise
     the model is serialized one large tensor at a time (tensors still in the input's external
-    data are read one at a time and written inline).  Returns the bytes
-    written (model + data).
+    data are read one at a time and written inline).  A ``spill`` (``store.TensorSpill``) in the
+    output's folder becomes the output's data file, so its tensors are not copied.  Returns
+    the bytes written (model + data).
     """
     from ..store import is_external, structure_copy, tensor_array, tensor_nbytes
 
@@ -191,7 +192,11 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_di
     try:
         tmp_model = tmpdir / output.name
         if external:
-            _write_tensors(model, tmpdir / data_name, data_name, base_dir)
+            adopt = None
+            if spill is not None and spill.path.parent == parent:
+                spill.close()
+                adopt = spill.path
+            _write_tensors(model, tmpdir / data_name, data_name, base_dir, adopt)
         with open(tmp_model, "wb") as fh:
             if external:  # only the graph and small tensors are left in the protobuf
                 fh.write(model.SerializeToString())
@@ -207,6 +212,8 @@ def save_model(model: onnx.ModelProto, output: Path, check: bool = True, base_di
         size = tmp_model.stat().st_size
         if external:
             size += (tmpdir / data_name).stat().st_size
+            if adopt is not None:  # (made private to this process): the model file's permissions
+                os.chmod(tmpdir / data_name, tmp_model.stat().st_mode & 0o777)
             os.replace(tmpdir / data_name, parent / data_name)
         os.replace(tmp_model, output)
         return size
@@ -291,13 +298,24 @@ def _write_streamed(model: onnx.ModelProto, fh, base_dir: Optional[Path]) -> Non
         fh.write(data)
 
 
-def _write_tensors(model: onnx.ModelProto, path: Path, location: str, base_dir: Optional[Path]) -> None:
-    """Moves every initializer of at least :data:`EXTERNAL_MIN_BYTES` into ``path``."""
-    from ..store import is_external, stored_bytes, tensor_nbytes
+def _write_tensors(model: onnx.ModelProto, path: Path, location: str, base_dir: Optional[Path],
+                   adopt: Optional[Path] = None) -> None:
+    """Moves every initializer of at least :data:`EXTERNAL_MIN_BYTES` into ``path``.  ``adopt``
+    (a data file on the same file system, see ``store.TensorSpill``) becomes ``path``: the
+    tensors already in it stay where they are, and the others are appended."""
+    from ..store import external_info, is_external, stored_bytes, tensor_nbytes
 
-    with open(path, "wb") as fh:
+    if adopt is not None:
+        os.replace(adopt, path)
+    with open(path, "r+b" if adopt is not None else "wb") as fh:
+        fh.seek(0, os.SEEK_END)
         for t in model.graph.initializer:
             if tensor_nbytes(t) < EXTERNAL_MIN_BYTES and not is_external(t):
+                continue
+            if adopt is not None and is_external(t) and external_info(t).get("location") == str(adopt):
+                for entry in t.external_data:
+                    if entry.key == "location":
+                        entry.value = location
                 continue
             if is_external(t):
                 data = stored_bytes(t, base_dir)
