@@ -104,12 +104,15 @@ def cli(verbose: int) -> None:
 @click.option("--jobs", type=int, default=None, metavar="N",
               help="Weights factorized in parallel, on worker threads (default: one per core; models under "
                    "16 M weight elements are factorized one weight at a time). Output is the same for any N.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Factorize the weights as tasks on a Ray cluster (auto, HOST:PORT, ray://HOST:PORT, or local "
+                   "to start one here); --jobs then caps the tasks in flight. Needs qsdonnx[ray].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="Print only the totals.")
 def optimize(model, output, method, bits, levels, block_size, symmetric, scale_dtype, rank, sparsity, bits_per_weight, fmt,
              exclude, overrides, min_elements, no_embeddings, no_clip_search, no_sensitivity, rotate, rotate_block, calib, calib_batch, calib_samples, calib_mask,
              tune_epochs, inputs, input_shapes, num_inputs, max_rel_error, keep_on_fail, no_validate, accuracy_level, report_path,
-             external_data, jobs, seed, quiet) -> None:
+             external_data, jobs, ray_address, seed, quiet) -> None:
     """Compress MODEL and write the result to --output."""
     try:
         cfg = OptimizeConfig(
@@ -122,7 +125,8 @@ def optimize(model, output, method, bits, levels, block_size, symmetric, scale_d
             validate=not no_validate, inputs=inputs,
             input_shapes=tuple(parse_input_shape(s) for s in input_shapes), num_inputs=num_inputs,
             max_rel_error=max_rel_error, keep_on_fail=keep_on_fail, report=report_path, seed=seed,
-            accuracy_level=accuracy_level, external_data=external_data, jobs=jobs, progress=sys.stderr.isatty())
+            accuracy_level=accuracy_level, external_data=external_data, jobs=jobs, ray=ray_address,
+            progress=sys.stderr.isatty())
         result = api.optimize(model, output, cfg)
     except QsdError as exc:
         _fail(exc)

@@ -91,6 +91,7 @@ class OptimizeConfig:
     accuracy_level: int = 0
     progress: bool = True
     jobs: Optional[int] = None  # weights factorized in parallel (threads); None: one per core
+    ray: Optional[str] = None  # Ray cluster address (auto, host:port, ray://..., local): factorize there
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

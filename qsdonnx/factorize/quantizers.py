@@ -185,7 +185,7 @@ def mse_grid(Wb: np.ndarray, bits: int, symmetric: bool, scale_dtype: str,
     stay in cache)."""
     kb, block, N = Wb.shape
     qmin, qmax = code_range(bits, symmetric, levels)
-    rw = None if row_weights is None else torch.from_numpy(np.asarray(row_weights, np.float32))[:, :, None]
+    rw = None if row_weights is None else torch.from_numpy(np.array(row_weights, np.float32))[:, :, None]
     s_out = np.empty((kb, N), np.float32)
     z_out = None if symmetric else np.empty((kb, N), np.uint8)
     factors = torch.tensor([float(f) for f in CLIP_FACTORS], dtype=torch.float64)[:, None, None]

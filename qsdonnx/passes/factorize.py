@@ -1,6 +1,7 @@
 """Planning each weight's method/bits/rank and running the factorizations."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -366,8 +367,27 @@ class FactorizeWeightsPass(Pass):
                 # time when its method allows.)
                 yield ctx.weights.source(rec.name), LayerChoice.of(rec), cfg, H, dense
 
-        results = factorized(jobs(), max(1, workers))
-        desc = "factorizing" + (f" ({workers} workers)" if workers > 1 else "") + ", bytes read"
+        with contextlib.ExitStack() as stack:
+            if cfg.ray is not None:
+                # Every weight goes to a Ray task; --jobs caps the tasks in flight (the weights
+                # this process holds), by default one per CPU of the cluster.
+                from . import cluster
+
+                cpus = stack.enter_context(cluster.Cluster(cfg.ray)).cpus()
+                workers = min(cfg.jobs or cpus, max(1, len(pending)))
+                results = cluster.remote_results(cluster.cluster_jobs(jobs()), workers)
+                where = f" (Ray at {cfg.ray}: {cpus} CPUs, {workers} tasks at a time)"
+            else:
+                results = factorized(jobs(), max(1, workers))
+                where = f" ({workers} workers)" if workers > 1 else ""
+            self._consume(ctx, todo, results, where)
+        return f"{len(todo)} weights factorized{where}"
+
+    def _consume(self, ctx: Context, todo: list, results, where: str) -> None:
+        """Takes each weight's factors (computed by the planner, or the next of ``results``)
+        through measurement and the sink, in order."""
+        cfg = ctx.config
+        desc = "factorizing" + where + ", bytes read"
         # Progress in bytes read, so that the remaining time is right for weights of any size;
         # the postfix counts weights and the bytes their results take.
         bar = tqdm(total=sum(rec.bytes_before for rec in todo), desc=desc, unit="B", unit_scale=True,
@@ -388,7 +408,6 @@ class FactorizeWeightsPass(Pass):
             bar.set_postfix_str(f"{done}/{len(todo)} weights, {written / 2**20:.1f} MiB written", refresh=False)
             bar.update(rec.bytes_before)
         bar.close()
-        return f"{len(todo)} weights factorized" + (f" ({workers} workers)" if workers > 1 else "")
 
 
 # --- the global planner -----------------------------------------------------------------------
