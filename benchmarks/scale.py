@@ -8,7 +8,8 @@ file (never held in memory as a whole):
 * ``mlp12``: the same with 12 blocks (5.25 GiB), to show that peak memory does not grow with
   the number of layers;
 * ``llama7b`` (with ``--7b``): 32 blocks of LLaMA-7B's shapes (4096x4096 x4, 4096x11008 x2,
-  11008x4096), float16, about 12.2 GiB.
+  11008x4096) with RMS norms before the projections and before the gated feed-forward part,
+  float16, 12.06 GiB.
 
 For each model it runs, as separate processes, ``qsdonnx optimize --method rtn --bits 4
 --no-validate`` (with its default of one worker thread per core, and with ``--jobs 1``) and
@@ -58,6 +59,16 @@ def _write_weight(fh, rows: int, cols: int, dtype, seed: int) -> tuple[int, int]
     return offset, fh.tell() - offset
 
 
+def _rms_norm(x: str, out: str, elem: int) -> list:
+    """``out = x / sqrt(mean(x², last axis) + 1e-5)`` (opset 17)."""
+    eps = helper.make_node("Constant", [], [f"{out}.eps"], value=helper.make_tensor(f"{out}.epsv", elem, [], [1e-5]))
+    return [eps, helper.make_node("Mul", [x, x], [f"{out}.sq"]),
+            helper.make_node("ReduceMean", [f"{out}.sq"], [f"{out}.ms"], axes=[-1], keepdims=1),
+            helper.make_node("Add", [f"{out}.ms", f"{out}.eps"], [f"{out}.mse"]),
+            helper.make_node("Sqrt", [f"{out}.mse"], [f"{out}.rms"]),
+            helper.make_node("Div", [x, f"{out}.rms"], [out])]
+
+
 def build(name: str, work: Path) -> Path:
     """The model file (and ``<name>.data``) in ``work``; built once."""
     spec = MODELS[name]
@@ -91,15 +102,20 @@ def build(name: str, work: Path) -> Path:
                           helper.make_node("MatMul", [f"b{b}.r", "b%d.w1" % b], [f"b{b}.o"]),
                           helper.make_node("Add", [x, f"b{b}.o"], [f"b{b}.y"])]
             else:
+                # RMS norms before both halves, as in LLaMA (without them the residual stream
+                # overflows float16 within a few blocks).
+                nodes += _rms_norm(x, f"b{b}.n0", elem)
+                xn = f"b{b}.n0"
                 attn = [f"b{b}.p{j}" for j in range(4)]
                 for j in range(3):
-                    nodes.append(helper.make_node("MatMul", [x, f"b{b}.w{j}"], [attn[j]]))
+                    nodes.append(helper.make_node("MatMul", [xn, f"b{b}.w{j}"], [attn[j]]))
                 nodes += [helper.make_node("Add", [attn[0], attn[1]], [f"b{b}.qk"]),
                           helper.make_node("Add", [f"b{b}.qk", attn[2]], [f"b{b}.qkv"]),
                           helper.make_node("MatMul", [f"b{b}.qkv", f"b{b}.w3"], [attn[3]]),
-                          helper.make_node("Add", [x, attn[3]], [f"b{b}.a"]),
-                          helper.make_node("MatMul", [f"b{b}.a", f"b{b}.w4"], [f"b{b}.g"]),
-                          helper.make_node("MatMul", [f"b{b}.a", f"b{b}.w5"], [f"b{b}.u"]),
+                          helper.make_node("Add", [x, attn[3]], [f"b{b}.a"])]
+                nodes += _rms_norm(f"b{b}.a", f"b{b}.n1", elem)
+                nodes += [helper.make_node("MatMul", [f"b{b}.n1", f"b{b}.w4"], [f"b{b}.g"]),
+                          helper.make_node("MatMul", [f"b{b}.n1", f"b{b}.w5"], [f"b{b}.u"]),
                           helper.make_node("Sigmoid", [f"b{b}.g"], [f"b{b}.gs"]),
                           helper.make_node("Mul", [f"b{b}.g", f"b{b}.gs"], [f"b{b}.silu"]),
                           helper.make_node("Mul", [f"b{b}.silu", f"b{b}.u"], [f"b{b}.m"]),
@@ -151,9 +167,11 @@ def reference(src: Path, x: np.ndarray) -> np.ndarray:
         if src.stem.startswith("mlp"):
             h = h + np.maximum(h @ w(f"b{b}.w0"), 0) @ w(f"b{b}.w1")
         else:
-            qkv = h @ w(f"b{b}.w0") + h @ w(f"b{b}.w1") + h @ w(f"b{b}.w2")
+            n = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + 1e-5)
+            qkv = n @ w(f"b{b}.w0") + n @ w(f"b{b}.w1") + n @ w(f"b{b}.w2")
             a = h + qkv @ w(f"b{b}.w3")
-            g, u = a @ w(f"b{b}.w4"), a @ w(f"b{b}.w5")
+            n = a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + 1e-5)
+            g, u = n @ w(f"b{b}.w4"), n @ w(f"b{b}.w5")
             h = a + (g / (1 + np.exp(-g)) * u) @ w(f"b{b}.w6")
     return h
 
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     # 12 GiB float16 model it would need more memory than a 24 GB machine has to spare.
     ap.add_argument("--peer-7b", action="store_true", help="also run ONNX Runtime's quantizer on the 7B-shaped model")
     args = ap.parse_args(argv)
-    names = args.models.split(",") + (["llama7b"] if args.big else [])
+    names = [n for n in args.models.split(",") if n] + (["llama7b"] if args.big else [])
     work = args.work or Path(tempfile.mkdtemp(prefix="qsdonnx-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -35,6 +35,7 @@ class Report:
     plan: dict = field(default_factory=dict)
     tuning: dict = field(default_factory=dict)
     rotation: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # what the user should know about this run
 
     @classmethod
     def from_context(cls, ctx: Context, file_size_after: Optional[int]) -> "Report":
@@ -60,12 +61,12 @@ class Report:
         cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ctx.config).items()}
         return cls(layers=layers, totals=totals, validation=ctx.validation, config=cfg,
                    timings={k: round(v, 3) for k, v in ctx.timings.items()},
-                   plan=ctx.plan_summary, tuning=ctx.tuning, rotation=ctx.rotation)
+                   plan=ctx.plan_summary, tuning=ctx.tuning, rotation=ctx.rotation, notes=list(ctx.notes))
 
     def to_dict(self) -> dict:
         return _clean({"layers": self.layers, "totals": self.totals, "validation": self.validation,
                        "config": self.config, "timings_s": self.timings, "plan": self.plan,
-                       "tuning": self.tuning, "rotation": self.rotation})
+                       "tuning": self.tuning, "rotation": self.rotation, "notes": self.notes})
 
     def write_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
@@ -101,6 +102,7 @@ class Report:
         if t.get("file_size_before") and t.get("file_size_after"):
             out.append(f"file size {_fmt_bytes(t['file_size_before'])} -> {_fmt_bytes(t['file_size_after'])} "
                        f"({100 * t['file_ratio']:.1f}% of the original)")
+        out.extend(f"note: {n}" for n in self.notes)
         ro = self.rotation
         if ro.get("layers"):
             out.append(f"rotated inputs: {ro['layers']} layers read {ro['inputs']} inputs rotated in blocks of "

@@ -842,3 +842,13 @@ def test_jobs_give_identical_bytes(tmp_path, monkeypatch, method):
     assert calls == [1, 2]  # the first run had one worker, the second two
     assert one.read_bytes() == two.read_bytes()
     assert all(l["status"] == "compressed" for l in res.report.layers)
+
+
+def test_run_notes_reach_the_report_and_its_table(tmp_path):
+    """A budget without calibration data plans on weight errors alone: the run says so, in the
+    report and in the printed table."""
+    src, dst, res = optimize_file(tmp_path, "two_layer", bits_per_weight=4.0)
+    assert any("no --calib data" in n for n in res.report.notes)
+    assert "note: no --calib data" in res.report.format_table()
+    _, _, plain = optimize_file(tmp_path, "two_layer", out_name="plain.onnx", method="rtn", bits=4)
+    assert plain.report.notes == [] and "note:" not in plain.report.format_table()
