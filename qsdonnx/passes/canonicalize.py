@@ -171,7 +171,7 @@ class WeightMatrices(MutableMapping):
         return _own_matrix(op, tensor, tensor_array(tensor, self.ctx.base_dir, writable=True), attrs, slot)
 
     def source(self, name: str):
-        """What a worker process needs to read the matrix itself: the array when it is held or
+        """What a worker needs to read the matrix itself: the array when it is held or
         in the protobuf, else ``(tensor reference, folder, op, attrs, slot)`` for
         :func:`read_matrix` (external data: the worker reads it from the file, so the weight is
         not sent through a pipe)."""
