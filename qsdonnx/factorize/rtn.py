@@ -56,29 +56,18 @@ def rtn_rows(read: Callable[[int, int], np.ndarray], shape: tuple[int, int], bit
         if zeros is not None:
             zeros[b:b + z.shape[0]] = z
         if measure:
-            e, n = squared_error(q, W)
-            err, norm = err + e, norm + n
+            w = torch.from_numpy(W.reshape(-1))
+            err, norm = err + q.squared_error(W), norm + float(torch.dot(w, w))
     qm = QuantizedMatrix(codes=codes, scales=scales, zero_points=zeros, bits=bits, block_size=block_size,
                          scale_dtype=scale_dtype, levels=levels)
     return qm, err, norm
-
-
-def squared_error(q: QuantizedMatrix, W: np.ndarray) -> tuple[float, float]:
-    """``(‖W − deq(q)‖², ‖W‖²)`` (float32 dot products of a few rows, summed in float64)."""
-    w = torch.from_numpy(np.ascontiguousarray(W, np.float32)).reshape(-1)
-    d = torch.from_numpy(q.dequantize()).reshape(-1).sub_(w)
-    return float(torch.dot(d, d)), float(torch.dot(w, w))
 
 
 def rtn_factorize(W: np.ndarray, bits: int, block_size: int, symmetric: bool = True,
                   scale_dtype: str = "float16", clip_search: bool = True,
                   levels: Optional[int] = None) -> Factorization:
     """``W ≈ deq(rtn_quantize(W))`` as a :class:`Factorization` with ``method="rtn"``."""
-    q = rtn_quantize(W, bits, block_size, symmetric, scale_dtype, clip_search, levels)
-    info = {"bits": bits, "block_size": block_size, "symmetric": symmetric}
-    if levels is not None:
-        info["levels"] = levels
-    return Factorization(method="rtn", shape=tuple(W.shape), q=q, info=info)
+    return _factorization(rtn_quantize(W, bits, block_size, symmetric, scale_dtype, clip_search, levels))
 
 
 def rtn_factorize_rows(read: Callable[[int, int], np.ndarray], shape: tuple[int, int], bits: int,
@@ -87,8 +76,11 @@ def rtn_factorize_rows(read: Callable[[int, int], np.ndarray], shape: tuple[int,
     """:func:`rtn_factorize` of a matrix read a few block rows at a time (see :func:`rtn_rows`),
     and its relative error ``‖W − Ŵ‖ / ‖W‖``."""
     q, err, norm = rtn_rows(read, shape, bits, block_size, symmetric, scale_dtype, clip_search, levels)
-    info = {"bits": bits, "block_size": block_size, "symmetric": symmetric}
-    if levels is not None:
-        info["levels"] = levels
-    f = Factorization(method="rtn", shape=(int(shape[0]), int(shape[1])), q=q, info=info)
-    return f, float(np.sqrt(err) / (np.sqrt(norm) or 1.0))
+    return _factorization(q), float(np.sqrt(err) / (np.sqrt(norm) or 1.0))
+
+
+def _factorization(q: QuantizedMatrix) -> Factorization:
+    info = {"bits": q.bits, "block_size": q.block_size, "symmetric": q.symmetric}
+    if q.levels is not None:
+        info["levels"] = q.levels
+    return Factorization(method="rtn", shape=q.shape, q=q, info=info)

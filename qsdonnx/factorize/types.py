@@ -150,6 +150,14 @@ class QuantizedMatrix:
                 part *= scale[blocks][:, None, :]
         return c
 
+    def squared_error(self, W: np.ndarray, rows: slice = slice(None)) -> float:
+        """``‖W − deq(rows)‖²`` for ``W`` the original of those rows (a float32 dot product)."""
+        import torch
+
+        d = torch.from_numpy(self.dequantize(rows)).reshape(-1)
+        d.sub_(torch.from_numpy(np.ascontiguousarray(W, np.float32)).reshape(-1))
+        return float(torch.dot(d, d))
+
     def stored_scales(self) -> np.ndarray:
         """The scales exactly as the model will hold them (rounded to ``scale_dtype``)."""
         return self.scales.astype(self.scale_dtype).astype(np.float32)
@@ -321,16 +329,10 @@ class Factorization:
         are present (so a large weight is never rebuilt whole); otherwise from :meth:`dense`."""
         if self.left is not None or self.sparse is not None or not isinstance(self.q, QuantizedMatrix):
             return float(np.linalg.norm(W - self.dense()))
-        import torch
-
         K, N = self.shape
         bs = self.q.block_size
         step = bs * max(1, chunk_elements // max(bs * N, 1))
-        total = 0.0
-        for r in range(0, K, step):
-            d = torch.from_numpy(self.q.dequantize(slice(r, r + step)))
-            d.sub_(torch.from_numpy(np.ascontiguousarray(W[r:r + step], np.float32))).square_()
-            total += float(d.sum(dtype=torch.float64))
+        total = sum(self.q.squared_error(W[r:r + step], slice(r, r + step)) for r in range(0, K, step))
         return float(np.sqrt(total))
 
     def nbytes(self) -> int:

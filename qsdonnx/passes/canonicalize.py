@@ -172,9 +172,9 @@ class WeightMatrices(MutableMapping):
 
     def source(self, name: str):
         """What a worker needs to read the matrix itself: the array when it is held or
-        in the protobuf, else ``(tensor reference, folder, op, attrs, slot)`` for
-        :func:`read_matrix` (external data: the worker reads it from the file, so the weight is
-        not sent through a pipe)."""
+        in the protobuf, else ``(serialized tensor reference, folder, op, attrs, slot)`` for
+        :func:`read_matrix` and :func:`row_reader` (external data: the worker reads it from the
+        file; a copy of the reference, as the lowering edits the graph's own meanwhile)."""
         from ..store import is_external
 
         if name in self.held:

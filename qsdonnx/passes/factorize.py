@@ -271,7 +271,7 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
     """Dispatches one weight to its algorithm (all math lives in ``qsdonnx.factorize``)."""
     m = choice.method
     common = dict(block_size=choice.block_size, symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype)
-    if m == "rtn" or (m == "gptq" and H is None):
+    if runs_by_rows(choice, H):
         return rtn_factorize(W, choice.bits, clip_search=cfg.clip_search, levels=choice.levels, **common)
     if m == "gptq":
         from ..factorize.gptq import gptq_factorize
@@ -302,14 +302,15 @@ def run_choice(W: np.ndarray, choice: LayerChoice, cfg: OptimizeConfig, H: Optio
     raise ConfigError(f"unknown method {m!r}")
 
 
-def reads_rows(choice: LayerChoice, H: Optional[np.ndarray]) -> bool:
-    """Whether ``choice`` needs only a few rows of its weight at a time (round-to-nearest:
-    every block's grid is its own), so the weight is never held whole."""
-    return H is None and choice.method in ("rtn", "gptq")
+def runs_by_rows(choice: LayerChoice, H: Optional[np.ndarray]) -> bool:
+    """Whether ``choice`` is round-to-nearest (also GPTQ without ``H``), which needs only a few
+    rows of its weight at a time (every block's grid is its own), so the weight is never held
+    whole (:func:`run_rows`)."""
+    return choice.method == "rtn" or (choice.method == "gptq" and H is None)
 
 
 def run_rows(read, shape: tuple[int, int], choice: LayerChoice, cfg: OptimizeConfig) -> tuple[Factorization, dict]:
-    """:func:`run_choice` and :func:`layer_errors` of a weight :func:`reads_rows` accepts, its
+    """:func:`run_choice` and :func:`layer_errors` of a weight :func:`runs_by_rows` accepts, its
     rows ``a:b`` given by ``read(a, b)``; the same factors as :func:`run_choice`."""
     f, rel = rtn_factorize_rows(read, shape, choice.bits, choice.block_size, cfg.symmetric, cfg.scale_dtype,
                                 cfg.clip_search, choice.levels)

@@ -32,9 +32,9 @@ def default_jobs() -> int:
 
 def _job(source, choice, cfg, H: Optional[np.ndarray], dense: str):
     from .canonicalize import read_matrix, row_reader
-    from .factorize import layer_errors, reads_rows, run_choice, run_rows
+    from .factorize import layer_errors, run_choice, run_rows, runs_by_rows
 
-    if reads_rows(choice, H):
+    if H is None and runs_by_rows(choice, H):  # (with H, the output error needs the whole weight)
         return run_rows(*row_reader(source), choice, cfg)
     W = read_matrix(source)
     f = run_choice(W, choice, cfg, H, dense)
