@@ -19,12 +19,20 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..graph import node_key
+from ..store import tensor_nbytes
 from .base import Context, Pass, WeightRecord
 from .bias import GraphIndex, find_bias_slots
 from .canonicalize import node_attrs
+from .layer_stats import MATRICES, SPILL_BYTES, HessianAccumulator, LayerStats, MatrixFiles, accumulator_bytes
+from .segments import cut as segments_of
 from .validate import fixed_batch, generated_inputs, load_feeds, run_feed
 
 log = logging.getLogger("qsdonnx")
+
+# Weights and accumulators one calibration session may hold; a larger model runs in segments.
+SEGMENT_BYTES = 1 << 30
+# Activations crossing a segment boundary kept in memory (beyond it: in a temporary folder).
+ACTIVATION_CACHE_BYTES = 512 << 20
 
 
 def _conv_rows(x: torch.Tensor, attrs: dict, kshape: list[int]) -> torch.Tensor | None:
@@ -56,40 +64,6 @@ def _conv_rows(x: torch.Tensor, attrs: dict, kshape: list[int]) -> torch.Tensor 
             padding = (p[0], p[1])
     cols = F.unfold(x, kernel_size=kshape, dilation=dil, padding=padding, stride=strides)  # (n, K, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-class HessianAccumulator:
-    """``Σ xᵀx`` and ``Σ x`` over rows ``x`` of one layer's input, with the row count.
-
-    Each batch's product is formed in float32 (fast) and summed across batches in float64, so
-    long calibration runs do not lose precision."""
-
-    def __init__(self, K: int):
-        self.H = torch.zeros(K, K, dtype=torch.float64)
-        self.sum = torch.zeros(K, dtype=torch.float64)
-        self.rows = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        self.H += (rows.T @ rows).to(torch.float64)
-        self.sum += rows.sum(dim=0, dtype=torch.float64)
-        self.rows += rows.shape[0]
-
-    def minus(self, other: "HessianAccumulator") -> "HessianAccumulator":
-        """The sums over the rows this accumulator saw and ``other`` did not."""
-        out = HessianAccumulator(self.H.shape[0])
-        out.H, out.sum, out.rows = self.H - other.H, self.sum - other.sum, self.rows - other.rows
-        return out
-
-    def result(self, centered: bool = False) -> dict:
-        """``H = E[xᵀx]``, or the covariance ``E[xᵀx] − μᵀμ`` when ``centered`` (for layers
-        whose bias absorbs the mean error, see ``passes.bias``); ``mean = μ``."""
-        n = max(self.rows, 1)
-        mean = self.sum / n
-        H = self.H / n
-        if centered:
-            H = H - torch.outer(mean, mean)
-        return {"H": H.to(torch.float32).numpy(), "mean": mean.numpy(), "rows": self.rows,
-                "centered": centered}
 
 
 # With --calib, every HOLD_OUT_STRIDE-th batch (or the last one of a set of fewer batches) is kept out
@@ -177,12 +151,19 @@ def _batched(shapes, batch):
 
 
 class CalibratePass(Pass):
-    """Fills ``ctx.calibration[weight] = {"H", "rows", "absmax"}`` for MatMul, Gemm and Conv weights."""
+    """Fills ``ctx.calibration[weight]`` (a :class:`LayerStats`: ``H``, ``mean``, ``rows``, ...)
+    for MatMul, Gemm and Conv weights.
+
+    A model whose weights and accumulated matrices together exceed :data:`SEGMENT_BYTES` is run
+    in consecutive segments within that budget (``passes.segments``): every batch through one
+    segment, then the next, with the activations that cross a boundary cached (in memory up to
+    :data:`ACTIVATION_CACHE_BYTES`, on disk beyond) and each segment's matrices finished before
+    the next segment starts.  Other models run as one session."""
 
     name = "calibrate"
 
     def run(self, ctx: Context) -> str:
-        from ..runtime import session
+        from ..store import structure_copy
 
         targets: dict[str, list[tuple[onnx.NodeProto, WeightRecord]]] = defaultdict(list)
         nodes = {node_key(n): n for n in ctx.model.graph.node}
@@ -194,72 +175,183 @@ class CalibratePass(Pass):
                 targets[node.input[1 if rec.view == "matmul-left" else 0]].append((node, rec))
         if not targets:
             return "nothing to calibrate"
-        from ..store import structure_copy
-
-        model, weights = structure_copy(ctx.model)  # the weights go to the session as they are
-        existing = {o.name for o in model.graph.output}
-        for name in targets:
-            if name not in existing:
-                rec_dtype = targets[name][0][1].dtype
-                t = onnx.TensorProto.FLOAT16 if rec_dtype == "float16" else onnx.TensorProto.FLOAT
-                model.graph.output.append(onnx.helper.make_tensor_value_info(name, t, None))
-        sess = session(model, base_dir=ctx.base_dir, initializers=weights)
-        names = list(targets)
-        accs: dict[str, HessianAccumulator] = {}
-        # With CALDERA, every other batch is also summed on its own: the planner fits its
-        # candidates on one half and predicts their error on the other (see passes.factorize).
-        # Other methods are not fitted to data when the planner predicts their error.
-        split = ctx.config.method == "caldera"
-        half: dict[str, HessianAccumulator] = {}
-        feeds = calibration_feeds(ctx)
-        samples = 0
         # Layers reading the same tensor the same way (q, k and v projections) share one H.
         share: dict[str, str] = {}
         for name, users in targets.items():
             for node, rec in users:
                 share.setdefault(rec.name, f"{name}|{rec.view}|{self._row_key(node, rec)}")
+        # With CALDERA, every other batch is also summed on its own: the planner fits its
+        # candidates on one half and predicts their error on the other (see passes.factorize).
+        # Other methods are not fitted to data when the planner predicts their error.
+        self.split = ctx.config.method == "caldera"
+        self.targets, self.share = targets, share
+        self.accs: dict[str, HessianAccumulator] = {}
+        self.half: dict[str, HessianAccumulator] = {}
+        feeds = calibration_feeds(ctx)
         mask_name = token_mask_input(ctx)
-        for batch, feed in enumerate(tqdm(feeds, desc="calibrating", unit="batch", disable=not ctx.config.progress,
-                                          leave=False)):
-            outs = run_feed(sess, names, feed)
-            samples += len(next(iter(feed.values())))
-            mask = None if mask_name is None else np.asarray(feed[mask_name]) != 0
-            for name, value in zip(names, outs):
-                x = torch.from_numpy(np.array(value, dtype=np.float32))
-                done = set()
-                for node, rec in targets[name]:
-                    key = share[rec.name]
-                    if key in done:
-                        continue
-                    done.add(key)
-                    rows = self._rows(x, node, rec)
-                    if rows is None:
-                        continue
-                    if mask is not None and rec.view in ("matmul", "gemm") and tuple(x.shape[:-1]) == mask.shape:
-                        # Padded positions compute activations no output depends on.
-                        rows = rows[torch.from_numpy(mask.reshape(-1))]
-                    accs.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
-                    if split and batch % 2 == 0:
-                        half.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
-        centered = 0
+        masks = [None if mask_name is None else np.asarray(f[mask_name]) != 0 for f in feeds]
+        model, weights = structure_copy(ctx.model)  # the weights go to the sessions as they are
+        sizes = {t.name: tensor_nbytes(t) for t in weights}
+        K_of = {key: ctx.record(w).matrix_shape[0] for w, key in share.items()}
+        matrix_bytes = sum(4 * K * K for K in K_of.values())
         index = GraphIndex(ctx.model.graph)
-        for wname, key in share.items():
-            if key in accs:
-                rec = ctx.record(wname)
-                slots = find_bias_slots(ctx.model, rec, index)
-                if slots:
-                    rec.extra["bias_slots"] = slots
-                    centered += 1
-                ctx.calibration[wname] = accs[key].result(centered=bool(slots))
-                fit = half.get(key)
-                check = accs[key].minus(fit) if fit is not None else None
-                if fit is not None and fit.rows and check.rows:
-                    ctx.calibration[wname]["H_fit"] = fit.result(centered=bool(slots))["H"]
-                    ctx.calibration[wname]["H_check"] = check.result(centered=bool(slots))["H"]
+        slots = {w: find_bias_slots(ctx.model, ctx.record(w), index) for w in share}
+        self.stats_store = MatrixFiles() if matrix_bytes > SPILL_BYTES else None
+        # (The structure copy keeps the nodes, in their order.)
+        pos = {node_key(n): i for i, n in enumerate(ctx.model.graph.node)}
+        first = {name: min(pos[node_key(node)] for node, _ in users) for name, users in targets.items()}
+        cost = self._costs(model, sizes, first, K_of)
+        segments = None
+        if sum(cost) > SEGMENT_BYTES:
+            segments = segments_of(model.graph, cost.__getitem__, SEGMENT_BYTES, sizes)
+        bar = tqdm(total=len(feeds) * (len(segments) if segments else 1), desc="calibrating", unit="batch",
+                   disable=not ctx.config.progress, leave=False)
+        if segments is None or len(segments) == 1:
+            self._one_session(ctx, model, weights, list(targets), feeds, masks, bar)
+            self._finish(ctx, set(share.values()), slots)
+        else:
+            self._segmented(ctx, model, weights, segments, first, feeds, masks, slots, bar)
+        bar.close()
+        samples = sum(map(_samples, feeds))
+        centered = sum(1 for w in share if w in ctx.calibration and slots[w])
+        for w in share:
+            if w in ctx.calibration and slots[w]:
+                ctx.record(w).extra["bias_slots"] = slots[w]
         ctx.calib_info = {"samples": samples, "batches": len(feeds), "token_mask": mask_name,
-                                       "source": str(ctx.config.calib) if ctx.config.calib else "generated"}
-        return (f"{len(ctx.calibration)} layers calibrated on {samples} samples ({len(accs)} distinct "
-                f"inputs; {centered} with a bias to absorb the mean error)")
+                          "source": str(ctx.config.calib) if ctx.config.calib else "generated",
+                          "segments": len(segments) if segments else 1}
+        where = f", in {len(segments)} segments" if segments and len(segments) > 1 else ""
+        return (f"{len(ctx.calibration)} layers calibrated on {samples} samples ({len(set(share.values()))} "
+                f"distinct inputs; {centered} with a bias to absorb the mean error{where})")
+
+    def _costs(self, model: onnx.ModelProto, sizes: dict, first: dict, K_of: dict) -> list[int]:
+        """Bytes each node adds to a segment: the large weights it reads first, and the
+        accumulators (and their result) of the inputs first read there."""
+        from .segments import node_reads
+
+        cost = [0] * len(model.graph.node)
+        seen: set[str] = set()
+        for i, node in enumerate(model.graph.node):
+            for name in node_reads(node):
+                if name in sizes and name not in seen:
+                    seen.add(name)
+                    cost[i] += sizes[name]
+        keys: set[str] = set()
+        for name, users in self.targets.items():
+            for _, rec in users:
+                key = self.share[rec.name]
+                if key in keys:
+                    continue
+                keys.add(key)
+                K = K_of[key]
+                cost[first[name]] += accumulator_bytes(K) * (2 if self.split else 1) + 4 * K * K
+        return cost
+
+    def _add(self, name: str, value, batch: int, mask) -> None:
+        x = torch.from_numpy(np.array(value, dtype=np.float32))
+        done = set()
+        for node, rec in self.targets[name]:
+            key = self.share[rec.name]
+            if key in done:
+                continue
+            done.add(key)
+            rows = self._rows(x, node, rec)
+            if rows is None:
+                continue
+            if mask is not None and rec.view in ("matmul", "gemm") and tuple(x.shape[:-1]) == mask.shape:
+                # Padded positions compute activations no output depends on.
+                rows = rows[torch.from_numpy(mask.reshape(-1))]
+            self.accs.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
+            if self.split and batch % 2 == 0:
+                self.half.setdefault(key, HessianAccumulator(rec.matrix_shape[0])).add(rows)
+
+    def _one_session(self, ctx, model, weights, names, feeds, masks, bar) -> None:
+        from ..runtime import session
+
+        existing = {o.name for o in model.graph.output}
+        for name in names:
+            if name not in existing:
+                rec_dtype = self.targets[name][0][1].dtype
+                t = onnx.TensorProto.FLOAT16 if rec_dtype == "float16" else onnx.TensorProto.FLOAT
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, t, None))
+        sess = session(model, base_dir=ctx.base_dir, initializers=weights)
+        for batch, feed in enumerate(feeds):
+            for name, value in zip(names, run_feed(sess, names, feed)):
+                self._add(name, value, batch, masks[batch])
+            bar.update(1)
+
+    def _segmented(self, ctx, model, weights, segments, first, feeds, masks, slots, bar) -> None:
+        from ..runtime import session
+        from .segments import ActivationCache, segment_model
+
+        big = {t.name: t for t in weights}
+        small = {t.name: t for t in model.graph.initializer}
+        last_read: dict[str, int] = {}
+        for s, seg in enumerate(segments):
+            for n in seg.inputs:
+                last_read[n] = s
+        seg_of = [0] * len(model.graph.node)
+        for s, seg in enumerate(segments):
+            for i in seg.nodes:
+                seg_of[i] = s
+        mine: dict[int, list[str]] = defaultdict(list)
+        for name in self.targets:
+            mine[seg_of[first[name]]].append(name)
+        cache = ActivationCache(ACTIVATION_CACHE_BYTES)
+
+        def value(b: int, n: str):
+            return cache.get(b, n) if (b, n) in cache else feeds[b][n]
+
+        try:
+            for s, seg in enumerate(segments):
+                names = mine.get(s, [])
+                want = list(seg.outputs) + [n for n in names if n not in seg.inputs and n not in seg.outputs]
+                sess = None
+                if want:
+                    sub = segment_model(model, seg, want, {n: value(0, n) for n in seg.inputs}, small)
+                    sess = session(sub, base_dir=ctx.base_dir,
+                                   initializers=[big[n] for n in seg.initializers if n in big])
+                for b in range(len(feeds) if want or names else 0):  # (else: nothing later reads it)
+                    inputs = {n: value(b, n) for n in seg.inputs}
+                    outs = dict(zip(want, run_feed(sess, want, inputs))) if sess is not None else {}
+                    for n in seg.outputs:
+                        cache.put(b, n, outs[n])
+                    for n in names:
+                        self._add(n, inputs[n] if n in inputs else outs[n], b, masks[b])
+                    bar.update(1)
+                del sess
+                bar.update(0 if want or names else len(feeds))
+                cache.drop({n for n in seg.inputs if last_read[n] <= s})
+                self._finish(ctx, {self.share[r.name] for n in names for _, r in self.targets[n]}, slots)
+        finally:
+            cache.close()
+
+    def _finish(self, ctx: Context, keys: set[str], slots: dict) -> None:
+        """Each key's matrices, for the weights that read it (kept on disk when large); the
+        accumulators are dropped."""
+        for key in sorted(keys):
+            acc = self.accs.pop(key, None)
+            if acc is None:
+                continue
+            fit = self.half.pop(key, None)
+            check = acc.minus(fit) if fit is not None else None
+            users = [w for w, k in self.share.items() if k == key]
+            variants = sorted({bool(slots[w]) for w in users})  # uncentred first
+            out = {}
+            for j, centered in enumerate(variants):
+                stats = acc.result(centered=centered, in_place=j == len(variants) - 1)
+                if fit is not None and fit.rows and check.rows:
+                    stats["H_fit"] = fit.result(centered=centered)["H"]
+                    stats["H_check"] = check.result(centered=centered)["H"]
+                out[centered] = self._kept(stats)
+            for w in users:
+                ctx.calibration[w] = out[bool(slots[w])].copy()
+
+    def _kept(self, stats: dict) -> LayerStats:
+        if self.stats_store is None:
+            return LayerStats(stats)
+        files = {k: self.stats_store.save(stats.pop(k)) for k in MATRICES if k in stats}
+        return LayerStats(stats, files, self.stats_store)
 
     @staticmethod
     def _row_key(node: onnx.NodeProto, rec: WeightRecord) -> str:
