@@ -22,20 +22,81 @@ from .types import Factorization, QuantizedMatrix, num_blocks
 _CHUNK_ROWS = 128
 
 
-def upper_inverse_cholesky(H: np.ndarray, damp: float) -> torch.Tensor:
-    """Upper ``U`` with ``Uᵀ U = (H + λI)⁻¹``, ``λ = damp * mean(diag H)`` (float64).
+# Above this many inputs a float64 K×K matrix passes 512 MiB: the inverse factor is computed in
+# float32, in place in one reordered copy of H (GPTQ's reference implementation works in float32
+# throughout), so a layer needs about two K×K float32 matrices, H and U.
+LEAN_FACTOR_K = 8192
 
-    With ``J`` the order-reversing permutation and ``J (H + λI) J = D Dᵀ`` (lower Cholesky),
-    ``V = J D J`` is upper triangular with ``V Vᵀ = H + λI``, hence ``U = V⁻¹``: one Cholesky
+
+def upper_inverse_cholesky(H: np.ndarray, damp: float, perm: Optional[np.ndarray] = None) -> torch.Tensor:
+    """Upper ``U`` with ``Uᵀ U = (H_p + λI)⁻¹``, ``λ = damp * mean(diag H)``, where ``H_p`` is
+    ``H`` with rows and columns in the order ``perm`` (default: as they are); float64, or float32
+    past :data:`LEAN_FACTOR_K` inputs on the CPU.
+
+    With ``J`` the order-reversing permutation and ``J (H_p + λI) J = D Dᵀ`` (lower Cholesky),
+    ``V = J D J`` is upper triangular with ``V Vᵀ = H_p + λI``, hence ``U = V⁻¹``: one Cholesky
     and one triangular solve, no explicit inverse of H.
     """
     K = H.shape[0]
-    Ht = to_torch(H, device(), torch.float64)
+    if K > LEAN_FACTOR_K and device().type == "cpu":
+        return torch.from_numpy(_lean_upper_inverse_cholesky(H, damp, perm))
+    Hp = np.asarray(H, np.float64) if perm is None else np.asarray(H, np.float64)[np.ix_(perm, perm)]
+    Ht = to_torch(Hp, device(), torch.float64)
+    del Hp
     rev = torch.arange(K - 1, -1, -1, device=Ht.device)
     D = cholesky_lower(Ht[rev][:, rev], damp)
     V = D[rev][:, rev]
     eye = torch.eye(K, dtype=torch.float64, device=V.device)
     return torch.linalg.solve_triangular(V, eye, upper=True)
+
+
+def _lean_upper_inverse_cholesky(H: np.ndarray, damp: float, perm: Optional[np.ndarray]) -> np.ndarray:
+    """:func:`upper_inverse_cholesky` in float32 in one K×K buffer: Cholesky in place, the
+    triangular inverse in place (:func:`_invert_lower_in_place`), then both axes reversed in
+    place; λ is raised as :func:`~.linalg.cholesky_lower` does while the factor does not exist."""
+    K = H.shape[0]
+    order = (np.arange(K) if perm is None else np.asarray(perm))[::-1].copy()
+    diag = np.diag(H).astype(np.float64)[order]
+    dead = diag <= 0
+    mean = float(np.where(dead, 1.0, diag).mean())
+    info = torch.zeros((), dtype=torch.int32)
+    idx = torch.arange(K)
+    for _ in range(12):
+        A = torch.from_numpy(np.asarray(H, np.float32)[np.ix_(order, order)])
+        if dead.any():
+            d = torch.from_numpy(dead)
+            A[d, :] = 0
+            A[:, d] = 0
+        A[idx, idx] = torch.from_numpy((np.where(dead, 1.0, diag) + damp * (mean if mean > 0 else 1.0)).astype(np.float32))
+        torch.linalg.cholesky_ex(A, out=(A, info))
+        if int(info) == 0:
+            break
+        del A
+        damp = max(damp * 10, 1e-8)
+    else:
+        raise np.linalg.LinAlgError("matrix is not positive definite even after damping")
+    _invert_lower_in_place(A)
+    # U = J D⁻¹ J: reverse both axes, a pair of rows at a time.
+    for i in range(K // 2):
+        top = A[i].flip(0)
+        A[i] = A[K - 1 - i].flip(0)
+        A[K - 1 - i] = top
+    if K % 2:
+        A[K // 2] = A[K // 2].flip(0)
+    return A.numpy()
+
+
+def _invert_lower_in_place(L: torch.Tensor, block: int = 256) -> None:
+    """``L ← L⁻¹`` for a lower triangular ``L`` whose upper part is zero, block column by block
+    column from the last: with the trailing block already inverted,
+    ``X₂₁ = −L₂₂⁻¹ L₂₁ L₁₁⁻¹`` (the memory one block column needs, not a second matrix)."""
+    K = L.shape[0]
+    for j in range(((K - 1) // block) * block, -1, -block):
+        e = min(j + block, K)
+        D = torch.linalg.solve_triangular(L[j:e, j:e], torch.eye(e - j, dtype=L.dtype), upper=False)
+        if e < K:
+            L[e:, j:e] = -(L[e:, e:] @ L[e:, j:e]) @ D
+        L[j:e, j:e] = D
 
 
 def gptq_quantize(W: np.ndarray, H: np.ndarray, bits: int, block_size: int,
@@ -67,10 +128,14 @@ def gptq_quantize(W: np.ndarray, H: np.ndarray, bits: int, block_size: int,
     if H.shape != (K, K):
         raise ValueError(f"H must be ({K}, {K}), got {H.shape}")
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(K)
-    U = upper_inverse_cholesky(np.asarray(H, np.float64)[np.ix_(perm, perm)], damp)
+    U = upper_inverse_cholesky(H, damp, perm if act_order else None)
     q = gptq_quantize_prepared(W, U, bits, block_size, symmetric, scale_dtype,
                                perm if act_order else None, row_weights=np.diag(H), levels=levels)
     return refit_scales(q, W, H) if refit else q
+
+
+# Column chunks of the refit hold at most this many bytes of per-column normal equations.
+REFIT_CHUNK_BYTES = 256 << 20
 
 
 def refit_scales(q: QuantizedMatrix, W: np.ndarray, H: np.ndarray) -> QuantizedMatrix:
@@ -79,34 +144,62 @@ def refit_scales(q: QuantizedMatrix, W: np.ndarray, H: np.ndarray) -> QuantizedM
     Column ``n`` dequantizes to ``C s`` where ``C`` (K × blocks) holds the block-diagonal codes
     minus zero points, so the best scales solve ``(Cᵀ H C) s = Cᵀ H w``. The solution is rounded
     to the stored scale type; a column keeps its old scales unless the new ones, as stored,
-    have the same signs and give a smaller error.
+    have the same signs and give a smaller error.  Columns are independent: they are solved in
+    chunks whose ``blocks × blocks`` systems fit :data:`REFIT_CHUNK_BYTES`.
     """
     K, N = q.codes.shape
     bs = q.block_size
     kb = num_blocks(K, bs)
     Kp = kb * bs
     # float32 products (sums of K terms), float64 solve; K padded to whole blocks with zeros
-    Hp = torch.zeros((Kp, Kp), dtype=torch.float32)
-    Hp[:K, :K] = torch.from_numpy(np.asarray(H, np.float32))
+    if Kp == K and isinstance(H, np.ndarray) and H.dtype == np.float32 and H.flags.c_contiguous:
+        Hp = torch.from_numpy(H)  # (nothing to pad: H as it is)
+    else:
+        Hp = torch.zeros((Kp, Kp), dtype=torch.float32)
+        Hp[:K, :K] = torch.from_numpy(np.asarray(H, np.float32))
+    step = max(1, min(N, REFIT_CHUNK_BYTES // (8 * kb * kb)))
+    scales = q.scales
+    for n0 in range(0, N, step):
+        cols = slice(n0, min(N, n0 + step))
+        sub = replace(q, codes=q.codes[:, cols], scales=q.scales[:, cols],
+                      zero_points=None if q.zero_points is None else q.zero_points[:, cols])
+        new = _refit_columns(sub, np.asarray(W)[:, cols], Hp)
+        if new is not None:
+            if scales is q.scales:
+                scales = q.scales.astype(np.float32, copy=True)
+            scales[:, cols] = new
+    return q if scales is q.scales else replace(q, scales=scales)
+
+
+def _refit_columns(q: QuantizedMatrix, W: np.ndarray, Hp: torch.Tensor) -> Optional[np.ndarray]:
+    """:func:`refit_scales` of the columns of ``q`` (``Hp``: H padded to whole blocks): their
+    scales, or None when some system is singular (the scales stay as they are)."""
+    K, N = q.codes.shape
+    bs = q.block_size
+    kb = num_blocks(K, bs)
+    Kp = kb * bs
     C = torch.zeros((Kp, N), dtype=torch.float32)
     codes = q.codes.astype(np.float32)
     if q.zero_points is not None:
         codes = codes - np.repeat(q.zero_points.astype(np.float32), bs, axis=0)[:K]
     C[:K] = torch.from_numpy(codes)
+    del codes
     Cb = C.reshape(kb, bs, N)
     A = torch.empty((N, kb, kb), dtype=torch.float64)
     for b in range(kb):
         HC = Hp[:, b * bs:(b + 1) * bs] @ Cb[b]  # (Kp, N): H's block-b columns times block b's codes
         A[:, :, b] = (Cb * HC.reshape(kb, bs, N)).sum(1).T.double()
+    del HC
     Wp = torch.zeros((Kp, N), dtype=torch.float32)
     Wp[:K] = torch.from_numpy(np.asarray(W, np.float32))
     r = (Cb * (Hp @ Wp).reshape(kb, bs, N)).sum(1).T.double()  # (N, kb)
+    del Wp, C, Cb
     ridge = 1e-7 * torch.diagonal(A, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
     A = A + ridge[:, None, None] * torch.eye(kb, dtype=torch.float64)
     try:
         s_new = torch.linalg.solve(A, r.unsqueeze(-1)).squeeze(-1).T.numpy()  # (kb, N)
     except RuntimeError:  # singular for some column: keep the scales as they are
-        return q
+        return None
     s_new = np.nan_to_num(s_new).astype(np.float32).astype(q.scale_dtype).astype(np.float32)
     # error(s) = wᵀHw − 2 sᵀr + sᵀAs: compare old and new scales without forming the errors
     s_old = q.stored_scales()
@@ -119,8 +212,7 @@ def refit_scales(q: QuantizedMatrix, W: np.ndarray, H: np.ndarray) -> QuantizedM
     gain = (quad_o - quad(sn) - 2 * ((so - sn) * r).sum(1)).numpy()  # old error minus new
     same_sign = np.all((np.sign(s_new) == np.sign(s_old)) & (s_new != 0), axis=0)
     keep_new = same_sign & (gain > 1e-6 * np.abs(quad_o.numpy()))
-    scales = np.where(keep_new[None, :], s_new, q.scales).astype(np.float32)
-    return replace(q, scales=scales)
+    return np.where(keep_new[None, :], s_new, q.scales).astype(np.float32)
 
 
 def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size: int,

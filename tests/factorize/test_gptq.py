@@ -162,3 +162,45 @@ def test_gptq_speed_minilm_ffn():
     t = time.perf_counter()
     gptq_quantize(W, H, 4, 32)
     assert time.perf_counter() - t < 3.0  # well under a second unloaded; slack for a shared CPU
+
+
+@pytest.mark.parametrize("K", [96, 97])
+@pytest.mark.parametrize("dead", [False, True])
+def test_lean_inverse_factor_matches_float64(K, dead, monkeypatch):
+    """The float32 in-place factor used for very wide layers is the float64 one to float32
+    rounding, in natural and in permuted order, with dead inputs too; and GPTQ with it gives
+    the same H-weighted error."""
+    from qsdonnx.factorize import gptq
+
+    rng = np.random.default_rng(K)
+    H = correlated_h(K, rng)
+    if dead:
+        H[5, :] = H[:, 5] = 0
+    perm = np.argsort(-np.diag(H), kind="stable")
+    ref = [upper_inverse_cholesky(H, 0.1, p).numpy() for p in (None, perm)]
+    monkeypatch.setattr(gptq, "LEAN_FACTOR_K", 0)
+    lean = [upper_inverse_cholesky(H, 0.1, p).numpy() for p in (None, perm)]
+    for a, b in zip(ref, lean):
+        assert b.dtype == np.float32 and np.allclose(np.triu(b), b)
+        np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-4 * np.abs(a).max())
+    W = rng.standard_normal((K, 40)).astype(np.float32)
+    e_lean = weighted_error(W, gptq_quantize(W, H, 3, 32, act_order=True).dequantize(), H)
+    monkeypatch.setattr(gptq, "LEAN_FACTOR_K", 1 << 30)
+    e_ref = weighted_error(W, gptq_quantize(W, H, 3, 32, act_order=True).dequantize(), H)
+    assert e_lean == pytest.approx(e_ref, rel=0.02)
+
+
+def test_refit_in_column_chunks_is_the_same(monkeypatch):
+    """Solving the refit's systems a few columns at a time changes nothing."""
+    from qsdonnx.factorize import gptq
+
+    rng = np.random.default_rng(4)
+    K, N = 128, 50
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    H = correlated_h(K, rng)
+    q = gptq_quantize(W, H, 3, 32, refit=False)
+    whole = refit_scales(q, W, H)
+    monkeypatch.setattr(gptq, "REFIT_CHUNK_BYTES", 8 * 4 * 4 * 7)  # 7 columns at a time
+    chunked = refit_scales(q, W, H)
+    assert not np.array_equal(whole.scales, q.scales)
+    np.testing.assert_allclose(chunked.scales, whole.scales, rtol=1e-6, atol=0)
