@@ -12,7 +12,8 @@ file (never held in memory as a whole):
   float16, 12.06 GiB.
 
 For each model it runs, as separate processes, ``qsdonnx optimize --method rtn --bits 4
---no-validate`` (with its default of one worker thread per core, and with ``--jobs 1``) and
+--no-validate`` (with its default of one worker thread per core, and with ``--jobs 1``), on
+``mlp6`` also ``--method gptq --calib`` with 128 random input vectors, and
 ONNX Runtime's ``MatMulNBitsQuantizer`` (4 bits, block 32, saved with external data; on the
 7B-shaped model only with ``--peer-7b``, as it loads the whole model), and prints wall time,
 peak RSS (the process's own, imports included, and that of all its processes together),
@@ -23,7 +24,7 @@ float16 model is written in the MatMulNBits format (``--format nbits``): ONNX Ru
 its QDQ form only by holding the weights in float32. With ``--7b`` it also times GPTQ on one weight of each of that model's shapes
 and prints the projected time for all of them. Options: ``--models mlp6,mlp12``, ``--7b``,
 ``--work DIR`` (default: a temporary folder, removed at the end unless ``--keep``),
-``--skip-peer``, ``--peer-7b``, ``--skip-gptq-projection``, ``--json FILE``.
+``--skip-peer``, ``--peer-7b``, ``--skip-gptq-projection``, ``--skip-gptq-calib``, ``--json FILE``.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ MODELS = {
                 "dtype": np.float16, "relu": False},
 }
 CHUNK_ROWS = 512
+GPTQ_MODELS = ("mlp6",)  # GPTQ with calibration data: on the smaller model only (it takes minutes)
+CALIB_SAMPLES = 128
 
 
 def _write_weight(fh, rows: int, cols: int, dtype, seed: int) -> tuple[int, int]:
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-gptq-projection", action="store_true")
+    ap.add_argument("--skip-gptq-calib", action="store_true", help="no GPTQ run with calibration data")
     # ONNX Runtime's quantizer loads the whole model (6.6 GiB for mlp12's 5.25 GiB): on the
     # 12 GiB float16 model it would need more memory than a 24 GB machine has to spare.
     ap.add_argument("--peer-7b", action="store_true", help="also run ONNX Runtime's quantizer on the 7B-shaped model")
@@ -242,8 +246,14 @@ def main(argv: list[str] | None = None) -> int:
             # loads, but ONNX Runtime then holds the weights in float32).
             fmt = ["--format", "nbits"] if dtype == np.float16 else []
             row = {"model": name, "input_gib": size / 2**30, "format": "nbits" if fmt else "qdq"}
-            for tool, extra in (("qsdonnx", []), ("qsdonnx_jobs1", ["--jobs", "1"])):
-                q = measured_process("qsdonnx.cli", ["optimize", str(src), "-o", str(out), "--method", "rtn", "--bits",
+            runs = [("qsdonnx", ["--method", "rtn"]), ("qsdonnx_jobs1", ["--method", "rtn", "--jobs", "1"])]
+            if name in GPTQ_MODELS and not args.skip_gptq_calib:
+                calib = work / f"{name}.calib.npz"
+                g = np.random.default_rng(1)
+                np.savez(calib, x=g.standard_normal((CALIB_SAMPLES, 4096)).astype(dtype))
+                runs.append(("qsdonnx_gptq", ["--method", "gptq", "--calib", str(calib)]))
+            for tool, extra in runs:
+                q = measured_process("qsdonnx.cli", ["optimize", str(src), "-o", str(out), "--bits",
                                                      "4", "--no-validate", "--quiet", *fmt, *extra], work / f"{name}.qsd.log")
                 if q["rc"] == 0:
                     q.update(output_mib=output_size(out) / 2**20, rel_error=rel_error(ref, x, out))
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | input | tool | exit | wall time | peak RSS | peak RSS, all processes | output | rel. error (1 input) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     labels = {"qsdonnx": "qsdonnx rtn 4-bit", "qsdonnx_jobs1": "qsdonnx rtn 4-bit `--jobs 1`",
+              "qsdonnx_gptq": f"qsdonnx gptq 4-bit `--calib` ({CALIB_SAMPLES} samples)",
               "ort_nbits": "ORT MatMulNBitsQuantizer 4-bit"}
     for r in rows:
         for tool, label in labels.items():

@@ -48,6 +48,10 @@ def _context(model: ModelLike, cfg: OptimizeConfig) -> Context:
     return ctx
 
 
+# Above this many bytes of candidate weights, --calib does not tune end to end unless asked.
+TUNE_DEFAULT_MAX_BYTES = 1 << 30
+
+
 def _front(ctx: Context) -> None:
     for p in (LoadPass(), FoldWeightAliasesPass(), FindWeightsPass()):
         p(ctx)
@@ -122,6 +126,12 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     _front(ctx)
     if not ctx.candidates():
         raise NothingToCompress(f"nothing to compress: {nothing_to_compress(ctx)}; no output written")
+    weight_bytes = sum(r.bytes_before for r in ctx.candidates())
+    if cfg.tune_epochs is None and cfg.epochs_to_tune and weight_bytes > TUNE_DEFAULT_MAX_BYTES:
+        # End-to-end tuning runs the whole model in PyTorch with every weight in memory.
+        cfg = ctx.config = cfg.replace(tune_epochs=0)
+        ctx.notes.append(f"end-to-end tuning is off by default for {weight_bytes / 2**30:.1f} GiB of weights "
+                         f"(it holds them all in memory); ask for it with --tune-epochs N")
     if calibrates(cfg):
         from .passes.calibrate import CalibratePass
         CalibratePass()(ctx)
@@ -148,7 +158,15 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         try:
             lowering = _lowering(cfg)
             lowering.begin(ctx)
-            FactorizeWeightsPass(sink=lowering.lower_one)(ctx)
+            sink = lowering.lower_one
+            if ctx.calibration:
+                # Bias correction needs only the layer's own factors: it goes with each weight.
+                from .passes.bias import correct_bias
+
+                def sink(ctx, rec, f, lower=lowering.lower_one):
+                    correct_bias(ctx, rec, f)
+                    lower(ctx, rec, f)
+            FactorizeWeightsPass(sink=sink)(ctx)
             with stage(lowering.name):
                 log.info("%s: %s", lowering.name, lowering.finish(ctx))
             if cfg.validate:
@@ -193,10 +211,10 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
 
 def _streams(ctx: Context, planner) -> bool:
     """Whether each weight can be lowered right after it is factorized: no pass between the two
-    needs all factors (bias correction and tuning need calibration; the spend-more loop re-plans),
-    and the opset the lowering needs is known from the plan."""
+    needs all factors (tuning fits them together; the spend-more loop re-plans; bias correction
+    needs only the weight's own), and the opset the lowering needs is known from the plan."""
     cfg = ctx.config
-    return (not ctx.calibration and cfg.epochs_to_tune == 0 and cfg.max_rel_error is None
+    return (cfg.epochs_to_tune == 0 and cfg.max_rel_error is None
             and isinstance(planner, PlanPass) and not ctx.factorizations and planned_opset(ctx) is not None)
 
 

@@ -832,7 +832,7 @@ def test_jobs_give_identical_bytes(tmp_path, monkeypatch, method):
     monkeypatch.setattr(fz, "PARALLEL_MIN_ELEMENTS", 0)  # the test model is small
     calls = []
     real = fz.factorized
-    monkeypatch.setattr(fz, "factorized", lambda jobs, workers: calls.append(workers) or real(jobs, workers))
+    monkeypatch.setattr(fz, "factorized", lambda jobs, workers, *rest: calls.append(workers) or real(jobs, workers, *rest))
     model = two_layer_model()
     calib = tmp_path / "calib.npz"
     np.savez(calib, **{model.graph.input[0].name: randn((32, 128), 8)})

@@ -92,6 +92,26 @@ def find_bias_slots(model: onnx.ModelProto, rec: WeightRecord,
     return slots or None
 
 
+def correct_bias(ctx: Context, rec, f, inits: dict | None = None) -> bool:
+    """Adds ``δ = μ·(W − Ŵ)`` to the bias of one compressed layer fitted to a centred ``Σ``
+    (``inits``: the graph's initializers by name); whether it did."""
+    stats = ctx.calibration.get(rec.name) if ctx.calibration else None
+    slots = rec.extra.get("bias_slots")
+    if rec.status != "compressed" or not stats or not stats.get("centered") or not slots:
+        return False
+    if inits is None:
+        inits = {t.name: t for t in ctx.model.graph.initializer}
+    W = ctx.weights[rec.name].astype(np.float64)
+    delta = np.asarray(stats["mean"], np.float64) @ (W - f.dense().astype(np.float64))
+    for init_name, factor in slots:
+        t = inits[init_name]
+        b = ctx.weight_array(t)
+        nb = (b.astype(np.float64) + factor * delta.reshape(b.shape)).astype(b.dtype)
+        t.CopyFrom(numpy_helper.from_array(nb, init_name))
+    rec.extra["bias_corrected"] = True
+    return True
+
+
 class BiasCorrectionPass(Pass):
     """Adds ``δ = μ·(W − Ŵ)`` to the bias of every compressed layer fitted to a centred ``Σ``."""
 
@@ -99,20 +119,5 @@ class BiasCorrectionPass(Pass):
 
     def run(self, ctx: Context) -> str:
         inits = {t.name: t for t in ctx.model.graph.initializer}
-        done = 0
-        for name, f in ctx.factorizations.items():
-            rec = ctx.record(name)
-            stats = ctx.calibration.get(name) if ctx.calibration else None
-            slots = rec.extra.get("bias_slots")
-            if rec.status != "compressed" or not stats or not stats.get("centered") or not slots:
-                continue
-            W = ctx.weights[name].astype(np.float64)
-            delta = np.asarray(stats["mean"], np.float64) @ (W - f.dense().astype(np.float64))
-            for init_name, factor in slots:
-                t = inits[init_name]
-                b = ctx.weight_array(t)
-                nb = (b.astype(np.float64) + factor * delta.reshape(b.shape)).astype(b.dtype)
-                t.CopyFrom(numpy_helper.from_array(nb, init_name))
-            rec.extra["bias_corrected"] = True
-            done += 1
+        done = sum(correct_bias(ctx, ctx.record(name), f, inits) for name, f in ctx.factorizations.items())
         return f"{done} biases corrected for the mean output error"

@@ -114,7 +114,8 @@ def cluster_jobs(jobs: Iterable[tuple]) -> Iterator[tuple]:
     """The local job tuples ``(source, choice, cfg, H, dense)`` with each weight read here, so
     that a task on another machine needs no access to the model's files."""
     from .canonicalize import read_matrix
+    from .workers import resolved
 
     for source, choice, cfg, H, dense in jobs:
         W = source if isinstance(source, np.ndarray) else read_matrix(source)
-        yield W, choice, cfg.replace(progress=False), H, dense
+        yield W, choice, cfg.replace(progress=False), resolved(H), dense

@@ -9,7 +9,8 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from .workers import PARALLEL_MIN_ELEMENTS, default_jobs, factorized
+from .layer_stats import LayerStats
+from .workers import PARALLEL_MIN_ELEMENTS, Deferred, default_jobs, factorized, job_bytes
 from ..factorize.budget import lowrank_nbytes, qsd_nbytes, rank_for_budget, rtn_nbytes
 from ..factorize.linalg import weighted_error_fast
 from ..factorize.lplr import lplr_factorize
@@ -362,7 +363,7 @@ class FactorizeWeightsPass(Pass):
 
         def jobs():
             for rec in pending:
-                H = ctx.calibration.get(rec.name, {}).get("H") if ctx.calibration else None
+                H = self._deferred_h(ctx, rec.name)
                 dense = rec.dtype if rec.dtype in ("float32", "float16") else "float32"
                 # (A weight in external data is read where it is factorized, a few rows at a
                 # time when its method allows.)
@@ -379,10 +380,28 @@ class FactorizeWeightsPass(Pass):
                 results = cluster.remote_results(cluster.cluster_jobs(jobs()), workers)
                 where = f" (Ray at {cfg.ray}: {cpus} CPUs, {workers} tasks at a time)"
             else:
-                results = factorized(jobs(), max(1, workers))
+                costs = [job_bytes(int(np.prod(rec.matrix_shape)), self._h_bytes(ctx, rec.name)) for rec in pending]
+                results = factorized(jobs(), max(1, workers), costs)
                 where = f" ({workers} workers)" if workers > 1 else ""
             self._consume(ctx, todo, results, where)
         return f"{len(todo)} weights factorized{where}"
+
+    @staticmethod
+    def _deferred_h(ctx: Context, name: str):
+        """The weight's ``H``: the array, or where a worker reads it when it is kept on disk."""
+        stats = ctx.calibration.get(name) if ctx.calibration else None
+        if not stats or "H" not in stats:
+            return None
+        if isinstance(stats, LayerStats) and "H" in stats.files:
+            return Deferred(lambda: stats["H"], stats.matrix_bytes("H"))
+        return stats["H"]
+
+    @staticmethod
+    def _h_bytes(ctx: Context, name: str) -> int:
+        stats = ctx.calibration.get(name) if ctx.calibration else None
+        if not stats or "H" not in stats:
+            return 0
+        return stats.matrix_bytes("H") if isinstance(stats, LayerStats) else int(np.asarray(stats["H"]).nbytes)
 
     def _consume(self, ctx: Context, todo: list, results, where: str) -> None:
         """Takes each weight's factors (computed by the planner, or the next of ``results``)

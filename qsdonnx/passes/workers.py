@@ -24,6 +24,30 @@ import numpy as np
 # Below this many weight elements in all, handing weights to workers saves less than it
 # costs: the weights are factorized one after the other on all cores.
 PARALLEL_MIN_ELEMENTS = 1 << 24
+# Jobs in flight together may need this much memory (by :func:`job_bytes`); a job that needs
+# more runs alone.  The matrices of wide layers (784 MiB of H for 14336 inputs, as much again
+# for its inverse factor) would otherwise add up over the workers.
+IN_FLIGHT_BYTES = 1536 << 20
+
+
+def job_bytes(numel: int, H_bytes: int) -> int:
+    """Working memory of one weight's job: the weight and its float32 copies (read, updated,
+    codes; about five), and with calibration its ``H`` and a factor of the same size."""
+    return 20 * numel + 2 * H_bytes
+
+
+class Deferred:
+    """A value read when a worker starts its job (an ``H`` kept on disk), not when it is queued."""
+
+    def __init__(self, read, nbytes: int):
+        self.read, self.nbytes = read, nbytes
+
+    def __call__(self):
+        return self.read()
+
+
+def resolved(value):
+    return value() if isinstance(value, Deferred) else value
 
 
 def default_jobs() -> int:
@@ -34,6 +58,7 @@ def _job(source, choice, cfg, H: Optional[np.ndarray], dense: str):
     from .canonicalize import read_matrix, row_reader
     from .factorize import layer_errors, run_choice, run_rows, runs_by_rows
 
+    H = resolved(H)
     if H is None and runs_by_rows(choice, H):  # (with H, the output error needs the whole weight)
         return run_rows(*row_reader(source), choice, cfg)
     W = read_matrix(source)
@@ -41,11 +66,14 @@ def _job(source, choice, cfg, H: Optional[np.ndarray], dense: str):
     return f, layer_errors(W, f, H)
 
 
-def factorized(jobs: Iterable[tuple], workers: int) -> Iterator:
+def factorized(jobs: Iterable[tuple], workers: int, costs: Optional[Iterable[int]] = None) -> Iterator:
     """``(factors, errors)`` (see ``run_choice`` and ``layer_errors``) for each job tuple
     ``(source, choice, cfg, H, dense)`` (``source``: a matrix, or where to read it, see
-    ``WeightMatrices.source``), in order; on ``workers`` threads with at most ``workers``
-    jobs in flight, counting the one the caller holds (one worker: in this thread)."""
+    ``WeightMatrices.source``; ``H``: an array, None, or :class:`Deferred`), in order; on
+    ``workers`` threads with at most ``workers`` jobs in flight, counting the one the caller
+    holds (one worker: in this thread), and with ``costs`` (each job's :func:`job_bytes`, in
+    order) no more of them than fit :data:`IN_FLIGHT_BYTES` together (a larger job waits for
+    the others and runs alone)."""
     if workers <= 1:
         for args in jobs:
             yield _job(*args)
@@ -56,12 +84,15 @@ def factorized(jobs: Iterable[tuple], workers: int) -> Iterator:
     torch.set_num_threads(max(1, default_jobs() // workers))
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque = deque()
+            pending: deque = deque()  # (future, bytes)
+            costs = iter(costs) if costs is not None else None
             for args in jobs:
-                pending.append(pool.submit(_job, *args))
-                if len(pending) >= workers:
-                    yield pending.popleft().result()
+                need = next(costs) if costs is not None else 0
+                while pending and (len(pending) >= workers
+                                   or sum(b for _, b in pending) + need > IN_FLIGHT_BYTES):
+                    yield pending.popleft()[0].result()
+                pending.append((pool.submit(_job, *args), need))
             while pending:
-                yield pending.popleft().result()
+                yield pending.popleft()[0].result()
     finally:
         torch.set_num_threads(before)
