@@ -48,8 +48,28 @@ def _context(model: ModelLike, cfg: OptimizeConfig) -> Context:
     return ctx
 
 
-# Above this many bytes of candidate weights, --calib does not tune end to end unless asked.
-TUNE_DEFAULT_MAX_BYTES = 1 << 30
+# Above this many bytes of candidate weights, --calib does not tune end to end or rotate unless asked.
+LARGE_MODEL_BYTES = 1 << 30
+
+
+def _large_model_defaults(ctx: Context, cfg: OptimizeConfig) -> OptimizeConfig:
+    """End-to-end tuning and input rotation hold every weight in memory at once: above
+    :data:`LARGE_MODEL_BYTES` of weights they are off unless asked for (with a note)."""
+    weight_bytes = sum(r.bytes_before for r in ctx.candidates())
+    large = weight_bytes > LARGE_MODEL_BYTES
+    off = []
+    if cfg.tune_epochs is None and cfg.epochs_to_tune and large:
+        cfg = cfg.replace(tune_epochs=0)
+        off.append("end-to-end tuning (--tune-epochs N)")
+    if cfg.rotate is None:
+        on = not (large and calibrates(cfg))
+        if not on:
+            off.append("input rotation (--rotate)")
+        cfg = cfg.replace(rotate=on)
+    if off:
+        ctx.notes.append(f"not run by default on {weight_bytes / 2**30:.1f} GiB of weights (they hold every weight "
+                         f"in memory): {', '.join(off)}")
+    return cfg
 
 
 def _front(ctx: Context) -> None:
@@ -126,12 +146,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     _front(ctx)
     if not ctx.candidates():
         raise NothingToCompress(f"nothing to compress: {nothing_to_compress(ctx)}; no output written")
-    weight_bytes = sum(r.bytes_before for r in ctx.candidates())
-    if cfg.tune_epochs is None and cfg.epochs_to_tune and weight_bytes > TUNE_DEFAULT_MAX_BYTES:
-        # End-to-end tuning runs the whole model in PyTorch with every weight in memory.
-        cfg = ctx.config = cfg.replace(tune_epochs=0)
-        ctx.notes.append(f"end-to-end tuning is off by default for {weight_bytes / 2**30:.1f} GiB of weights "
-                         f"(it holds them all in memory); ask for it with --tune-epochs N")
+    cfg = ctx.config = _large_model_defaults(ctx, cfg)
     if calibrates(cfg):
         from .passes.calibrate import CalibratePass
         CalibratePass()(ctx)

@@ -68,10 +68,11 @@ def cli(verbose: int) -> None:
               help="rtn: use each block's min/max range instead of the MSE-best clipped range.")
 @click.option("--no-sensitivity", is_flag=True,
               help="Plan on per-layer errors alone, without measuring each weight's end-to-end effect.")
-@click.option("--rotate/--no-rotate", default=True, show_default=True,
+@click.option("--rotate/--no-rotate", default=None,
               help="With calibration: layers read their input rotated in blocks (one random orthogonal "
                    "block, stored once) and hold the weight rotated back, which spreads outliers before "
-                   "quantizing. Adds a small rotation per rotated input at run time.")
+                   "quantizing. Adds a small rotation per rotated input at run time. Default: on, but off "
+                   "for more than 1 GiB of weights (it holds every rotated weight in memory).")
 @click.option("--rotate-block", type=int, default=32, show_default=True, help="Order of the rotation block.")
 @click.option("--calib", type=click.Path(exists=False, path_type=Path), default=None,
               help="Calibration data: .npz named after graph inputs (first axis = samples) or a directory of them.")

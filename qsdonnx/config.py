@@ -70,7 +70,7 @@ class OptimizeConfig:
     sparsity: float = 0.0  # QSD: fraction of each factor column set to zero
     clip_search: bool = True  # RTN grids: MSE-best clipped range per block instead of min/max
     sensitivity: bool = True  # weight the planner's per-layer errors by measured end-to-end effect
-    rotate: bool = True  # rotate calibrated MatMul/Gemm inputs in blocks before quantizing (passes.rotate)
+    rotate: Optional[bool] = None  # rotate calibrated MatMul/Gemm inputs in blocks (passes.rotate); None: on, but off by default above 1 GiB of weights
     rotate_block: int = 32
     # calibration
     calib: Optional[Path] = None

@@ -251,6 +251,31 @@ def _copy_fields(src, dst, skip: str) -> None:
             setattr(dst, field.name, value)
 
 
+def release_pages(tensors, base_dir: Optional[Path]) -> None:
+    """Drops the pages of these external tensors from this process's memory map (they stay in
+    the page cache): what a session read through :func:`tensor_array` ``(mapped=True)`` stops
+    counting in the process's memory once the session is gone."""
+    page = mmap.PAGESIZE
+    for t in tensors:
+        if not is_external(t) or not hasattr(mmap, "MADV_DONTNEED"):
+            continue
+        info = external_info(t)
+        path = _data_path(t, base_dir)
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        m = _MAPS.get((str(path.resolve()), st.st_mtime_ns))
+        if m is None:
+            continue
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", 0)) or tensor_nbytes(t)
+        start = offset // page * page
+        end = min(len(m), offset + length)
+        if end > start:
+            m.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def release_maps() -> None:
     """Closes every memory map (tests and long-running callers)."""
     for m in _MAPS.values():

@@ -131,6 +131,7 @@ def gptq_quantize(W: np.ndarray, H: np.ndarray, bits: int, block_size: int,
     U = upper_inverse_cholesky(H, damp, perm if act_order else None)
     q = gptq_quantize_prepared(W, U, bits, block_size, symmetric, scale_dtype,
                                perm if act_order else None, row_weights=np.diag(H), levels=levels)
+    del U  # (the refit needs H only)
     return refit_scales(q, W, H) if refit else q
 
 
@@ -256,7 +257,8 @@ def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size
         for b in range(kb):
             set_grid(b, W[b * block_size:(b + 1) * block_size])
 
-    codes = np.zeros((K, N), np.float32)
+    code_type = np.int8 if symmetric else np.uint8
+    codes = np.zeros((K, N), code_type)  # (the rounded values are whole numbers in range)
     chunk = max(block_size, (_CHUNK_ROWS // block_size) * block_size)
     for c0 in range(0, K, chunk):
         c1 = min(c0 + chunk, K)
@@ -288,9 +290,10 @@ def gptq_quantize_prepared(W: np.ndarray, U: torch.Tensor, bits: int, block_size
         if c1 < K:
             Wp[c1:] -= Un[c0:c1, c1:].T @ E1
 
-    codes_np = np.empty((K, N), np.float32)
+    codes_np = np.empty((K, N), code_type)
     codes_np[perm] = codes
-    return QuantizedMatrix(codes=codes_np.astype(np.int8 if symmetric else np.uint8),
+    del codes
+    return QuantizedMatrix(codes=codes_np,
                            scales=scales, zero_points=zeros, bits=bits, block_size=block_size,
                            scale_dtype=scale_dtype, levels=levels)
 

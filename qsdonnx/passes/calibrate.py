@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..graph import node_key
-from ..store import tensor_nbytes
+from ..store import release_pages, tensor_nbytes
 from .base import Context, Pass, WeightRecord
 from .bias import GraphIndex, find_bias_slots
 from .canonicalize import node_attrs
@@ -320,6 +320,7 @@ class CalibratePass(Pass):
                         self._add(n, inputs[n] if n in inputs else outs[n], b, masks[b])
                     bar.update(1)
                 del sess
+                release_pages([big[n] for n in seg.initializers if n in big], ctx.base_dir)
                 bar.update(0 if want or names else len(feeds))
                 cache.drop({n for n in seg.inputs if last_read[n] <= s})
                 self._finish(ctx, {self.share[r.name] for n in names for _, r in self.targets[n]}, slots)

@@ -31,9 +31,10 @@ IN_FLIGHT_BYTES = 1536 << 20
 
 
 def job_bytes(numel: int, H_bytes: int) -> int:
-    """Working memory of one weight's job: the weight and its float32 copies (read, updated,
-    codes; about five), and with calibration its ``H`` and a factor of the same size."""
-    return 20 * numel + 2 * H_bytes
+    """Working memory of one calibrated weight's job that may meet another's: its ``H`` and a
+    factor of the same size, and the weight's float32 copies (read and updated); 0 without
+    ``H`` (those jobs hold one weight, as the in-flight count already bounds)."""
+    return 8 * numel + 2 * H_bytes if H_bytes else 0
 
 
 class Deferred:
