@@ -852,3 +852,53 @@ def test_run_notes_reach_the_report_and_its_table(tmp_path):
     assert "note: no --calib data" in res.report.format_table()
     _, _, plain = optimize_file(tmp_path, "two_layer", out_name="plain.onnx", method="rtn", bits=4)
     assert plain.report.notes == [] and "note:" not in plain.report.format_table()
+
+
+def test_large_model_defaults(tmp_path, monkeypatch):
+    """Above the large-model size, --calib neither tunes end to end nor rotates unless asked,
+    and the report says so; asked for, they run."""
+    import qsdonnx.api as api
+
+    model = two_layer_model()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{model.graph.input[0].name: randn((32, 128), 8)})
+    _, _, small = optimize_file(tmp_path, model, method="gptq", bits=4, calib=calib)
+    assert small.report.config["rotate"] is True and small.report.tuning
+    monkeypatch.setattr(api, "LARGE_MODEL_BYTES", 1000)
+    _, _, large = optimize_file(tmp_path, model, out_name="large.onnx", method="gptq", bits=4, calib=calib)
+    assert large.report.config["rotate"] is False and not large.report.tuning
+    note = next(n for n in large.report.notes if "not run by default" in n)
+    assert "--tune-epochs N" in note and "--rotate" in note
+    _, _, asked = optimize_file(tmp_path, model, out_name="asked.onnx", method="gptq", bits=4, calib=calib,
+                                rotate=True, tune_epochs=1)
+    assert asked.report.config["rotate"] is True and asked.report.tuning
+    assert not any("not run by default" in n for n in asked.report.notes)
+
+
+def test_jobs_admitted_by_memory(monkeypatch):
+    """Jobs whose memory does not fit together run one at a time; their results keep order."""
+    import threading
+
+    from qsdonnx.passes import workers as wk
+
+    monkeypatch.setattr(wk, "IN_FLIGHT_BYTES", 100)
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def job(source, choice, cfg, H, dense):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        import time
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return source, None
+
+    monkeypatch.setattr(wk, "_job", job)
+    jobs = [(i, None, None, None, "float32") for i in range(6)]
+    got = [r[0] for r in wk.factorized(iter(jobs), 3, [60] * 6)]
+    assert got == list(range(6)) and most[0] == 1
+    most[0] = 0
+    got = [r[0] for r in wk.factorized(iter(jobs), 3, [30] * 6)]
+    assert got == list(range(6)) and most[0] == 3
