@@ -215,8 +215,18 @@ def build_ops(cuda, verbose) -> None:
     click.echo(f"built {path}")
 
 
+def _terminated(signum, frame) -> None:
+    # SIGTERM (a job scheduler's stop, ``kill``) unwinds like Ctrl-C, so temporary data files
+    # and half-written outputs are removed on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
-    """The console script: a bad option or argument is one ``error:`` line and exit code 2."""
+    """The console script: a bad option or argument is one ``error:`` line and exit code 2;
+    SIGTERM exits with 143 after removing what the run had written so far."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(prog_name="qsdonnx", standalone_mode=False)
     except click.ClickException as exc:  # usage errors exit with 2

@@ -541,3 +541,33 @@ def test_output_check_sees_shapes_without_the_weights(tmp_path):
             assert os.listdir(tmp_path) == [out.name]
             x = np.ones((1, 64), np.float32)
             assert np.allclose(run_model(out, {"x": x})[0], 64.0)
+
+
+def test_terminated_run_leaves_nothing_behind(tmp_path):
+    """SIGTERM in the middle of a run (here: sent by the run itself after its first weight is
+    lowered into the output's data file) exits with 143, writes no output and removes its
+    temporary data files; the input is untouched."""
+    from conftest import file_state
+
+    (tmp_path / "in").mkdir()
+    src = save_external(two_layer_model(), tmp_path / "in" / "model.onnx")
+    before = {p.name: file_state(p) for p in src.parent.iterdir()}
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    script = (
+        "import os, signal, sys\n"
+        "import qsdonnx.passes.factorize as f\n"
+        "done = f.FactorizeWeightsPass._done\n"
+        "def stop(self, ctx, rec, fac):\n"
+        "    done(self, ctx, rec, fac)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "f.FactorizeWeightsPass._done = stop\n"
+        "sys.argv = ['qsdonnx'] + sys.argv[1:]\n"
+        "from qsdonnx.cli import main\n"
+        "main()\n")
+    proc = subprocess.run([sys.executable, "-c", script, "optimize", str(src), "-o", str(out_dir / "out.onnx"),
+                           "--method", "rtn", "--bits", "4", "--external-data", "--min-elements", "16",
+                           "--no-validate", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert list(out_dir.iterdir()) == []
+    assert {p.name: file_state(p) for p in src.parent.iterdir()} == before
