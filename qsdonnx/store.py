@@ -28,9 +28,14 @@ def is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
+def _map_key(path: Path, st: os.stat_result) -> tuple[str, int]:
+    """A data file's key in :data:`_MAPS` (a rewritten file gets a new map)."""
+    return str(path.resolve()), st.st_mtime_ns
+
+
 def _mapped(path: Path) -> mmap.mmap:
     st = path.stat()
-    key = (str(path.resolve()), st.st_mtime_ns)
+    key = _map_key(path, st)
     m = _MAPS.get(key)
     if m is None:
         with open(path, "rb") as fh:
@@ -262,10 +267,9 @@ def release_pages(tensors, base_dir: Optional[Path]) -> None:
         info = external_info(t)
         path = _data_path(t, base_dir)
         try:
-            st = path.stat()
+            m = _MAPS.get(_map_key(path, path.stat()))
         except OSError:
             continue
-        m = _MAPS.get((str(path.resolve()), st.st_mtime_ns))
         if m is None:
             continue
         offset = int(info.get("offset", 0))

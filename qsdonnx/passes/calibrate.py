@@ -306,12 +306,13 @@ class CalibratePass(Pass):
             for s, seg in enumerate(segments):
                 names = mine.get(s, [])
                 want = list(seg.outputs) + [n for n in names if n not in seg.inputs and n not in seg.outputs]
+                active = bool(want or names)  # (else nothing later reads what it computes)
                 sess = None
                 if want:
                     sub = segment_model(model, seg, want, {n: value(0, n) for n in seg.inputs}, small)
                     sess = session(sub, base_dir=ctx.base_dir,
                                    initializers=[big[n] for n in seg.initializers if n in big])
-                for b in range(len(feeds) if want or names else 0):  # (else: nothing later reads it)
+                for b in range(len(feeds) if active else 0):
                     inputs = {n: value(b, n) for n in seg.inputs}
                     outs = dict(zip(want, run_feed(sess, want, inputs))) if sess is not None else {}
                     for n in seg.outputs:
@@ -321,7 +322,7 @@ class CalibratePass(Pass):
                     bar.update(1)
                 del sess
                 release_pages([big[n] for n in seg.initializers if n in big], ctx.base_dir)
-                bar.update(0 if want or names else len(feeds))
+                bar.update(0 if active else len(feeds))
                 cache.drop({n for n in seg.inputs if last_read[n] <= s})
                 self._finish(ctx, {self.share[r.name] for n in names for _, r in self.targets[n]}, slots)
         finally:

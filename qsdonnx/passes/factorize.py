@@ -380,7 +380,8 @@ class FactorizeWeightsPass(Pass):
                 results = cluster.remote_results(cluster.cluster_jobs(jobs()), workers)
                 where = f" (Ray at {cfg.ray}: {cpus} CPUs, {workers} tasks at a time)"
             else:
-                costs = [job_bytes(int(np.prod(rec.matrix_shape)), self._h_bytes(ctx, rec.name)) for rec in pending]
+                costs = [job_bytes(int(np.prod(rec.matrix_shape)), getattr(self._deferred_h(ctx, rec.name), "nbytes", 0))
+                         for rec in pending]
                 results = factorized(jobs(), max(1, workers), costs)
                 where = f" ({workers} workers)" if workers > 1 else ""
             self._consume(ctx, todo, results, where)
@@ -395,13 +396,6 @@ class FactorizeWeightsPass(Pass):
         if isinstance(stats, LayerStats) and "H" in stats.files:
             return Deferred(lambda: stats["H"], stats.matrix_bytes("H"))
         return stats["H"]
-
-    @staticmethod
-    def _h_bytes(ctx: Context, name: str) -> int:
-        stats = ctx.calibration.get(name) if ctx.calibration else None
-        if not stats or "H" not in stats:
-            return 0
-        return stats.matrix_bytes("H") if isinstance(stats, LayerStats) else int(np.asarray(stats["H"]).nbytes)
 
     def _consume(self, ctx: Context, todo: list, results, where: str) -> None:
         """Takes each weight's factors (computed by the planner, or the next of ``results``)

@@ -79,7 +79,7 @@ class MatrixFiles:
 
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="qsdonnx-hessians-"))
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.count = 0
 
     def save(self, array: np.ndarray) -> Path:
@@ -87,9 +87,6 @@ class MatrixFiles:
         self.count += 1
         np.save(path, array, allow_pickle=False)
         return path
-
-    def remove(self) -> None:
-        self._finalizer()
 
 
 class LayerStats(dict):
@@ -116,9 +113,6 @@ class LayerStats(dict):
     def __setitem__(self, key, value) -> None:
         self.files.pop(key, None)
         super().__setitem__(key, value)
-
-    def keys(self):
-        return list(dict.keys(self)) + [k for k in self.files if not dict.__contains__(self, k)]
 
     def copy(self) -> "LayerStats":
         """Another layer's statistics with the same values (assignments to either stay apart)."""
